@@ -1,0 +1,157 @@
+// Autograd of the frozennorm ops (registered for the Autograd key of every backend).
+//
+// The input gradient needs only the per-channel `scale` the forward returns: nothing of
+// activation size is saved, and never the caller's statistics tensors (DDP overwrites module
+// buffers in place between forwards). Gradients for the statistics are computed too when
+// they require grad (functional use); only then is the input saved, as a BatchNorm backward
+// would. Both backwards are differentiable (double backward).
+//
+// The pure-PyTorch fallback (frozennorm/ops.py) registers the same formulas in Python when
+// the package is installed without this extension.
+#include "frozen_bn.h"
+
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace frozennorm {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor> call_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+    double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("frozennorm::frozen_bn", "")
+                       .typed<decltype(call_forward)>();
+  return op.call(input, weight, bias, mean, var, eps);
+}
+
+at::Tensor call_backward(const at::Tensor& grad_output, const at::Tensor& scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("frozennorm::frozen_bn_backward", "")
+                       .typed<decltype(call_backward)>();
+  return op.call(grad_output, scale);
+}
+
+std::vector<int64_t> reduce_dims(int64_t ndim) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < ndim; ++d) dims.push_back(d);
+  return dims;
+}
+
+bool requires_grad(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->requires_grad();
+}
+
+class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+      double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, scale] = call_forward(input, weight, bias, mean, var, eps);
+    const bool stats_grad = requires_grad(weight) || requires_grad(bias) ||
+        mean.requires_grad() || var.requires_grad();
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["stats_grad"] = stats_grad;
+    if (stats_grad) {
+      ctx->saved_data["bias_dtype"] =
+          bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
+      ctx->save_for_backward(
+          {input, weight.has_value() ? *weight : at::Tensor(), mean, var});
+    } else {
+      ctx->save_for_backward({scale});
+    }
+    ctx->mark_non_differentiable({scale});
+    return {out, scale};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad = grads[0];
+    const auto saved = ctx->get_saved_variables();
+    const bool need_input = ctx->needs_input_grad(0);
+    if (!ctx->saved_data["stats_grad"].toBool()) {
+      return {need_input ? call_backward(grad, saved[0]) : at::Tensor(), at::Tensor(),
+              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const at::Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
+    at::ScalarType stats = c10::promoteTypes(mean.scalar_type(), var.scalar_type());
+    if (weight.defined()) stats = c10::promoteTypes(stats, weight.scalar_type());
+    const at::ScalarType acc = compute_dtype(input.scalar_type(), stats);
+    const at::Tensor invstd = (var.to(acc) + eps).sqrt().reciprocal();
+    const at::Tensor scale = weight.defined() ? invstd * weight.to(acc) : invstd;
+    variable_list out(6);
+    if (need_input) out[0] = call_backward(grad, scale);
+    const auto dims = reduce_dims(input.dim());
+    const at::Tensor g = grad.to(acc);
+    at::Tensor g_sum, g_xc;
+    if (ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) g_sum = g.sum(dims);
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(4)) {
+      g_xc = (g * (input.to(acc) - mean.to(acc).view(channel_shape(input)))).sum(dims);
+    }
+    if (ctx->needs_input_grad(1)) out[1] = (g_xc * invstd).to(weight.scalar_type());
+    if (ctx->needs_input_grad(2)) {
+      out[2] = g_sum.to(ctx->saved_data["bias_dtype"].toScalarType());
+    }
+    if (ctx->needs_input_grad(3)) out[3] = (-g_sum * scale).to(mean.scalar_type());
+    if (ctx->needs_input_grad(4)) {
+      out[4] = (g_xc * scale * invstd * invstd * -0.5).to(var.scalar_type());
+    }
+    return out;
+  }
+};
+
+class FrozenBNBackwardFunction : public torch::autograd::Function<FrozenBNBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_output,
+                               const at::Tensor& scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({scale, scale.requires_grad() ? grad_output : at::Tensor()});
+    return {call_backward(grad_output, scale)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &scale = saved[0], &grad_output = saved[1];
+    at::Tensor grad_grad_output, grad_scale;
+    if (ctx->needs_input_grad(0)) grad_grad_output = call_backward(grads[0], scale);
+    if (ctx->needs_input_grad(1)) {
+      grad_scale = (grads[0].to(scale.scalar_type()) * grad_output.to(scale.scalar_type()))
+                       .sum(reduce_dims(grads[0].dim()));
+    }
+    return {grad_grad_output, grad_scale};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> frozen_bn_autograd(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double eps) {
+  if (!at::GradMode::is_enabled() ||
+      !(input.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
+        running_mean.requires_grad() || running_var.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // nothing to record
+    return call_forward(input, weight, bias, running_mean, running_var, eps);
+  }
+  auto out = FrozenBNFunction::apply(input, weight, bias, running_mean, running_var, eps);
+  return {out[0], out[1]};
+}
+
+at::Tensor frozen_bn_backward_autograd(const at::Tensor& grad_output, const at::Tensor& scale) {
+  return FrozenBNBackwardFunction::apply(grad_output, scale)[0];
+}
+
+}  // namespace
+}  // namespace frozennorm
+
+TORCH_LIBRARY_IMPL(frozennorm, Autograd, m) {
+  m.impl("frozen_bn", &frozennorm::frozen_bn_autograd);
+  m.impl("frozen_bn_backward", &frozennorm::frozen_bn_backward_autograd);
+}

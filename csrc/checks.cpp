@@ -1,0 +1,96 @@
+// Argument checks shared by every backend of the frozennorm ops.
+#include "frozen_bn.h"
+
+namespace frozennorm {
+
+namespace {
+
+bool is_supported_floating(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+void check_stat(const at::Tensor& t, const char* name, const at::Tensor& input, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(
+      t.device() == input.device(), op, ": ", name, " is on ", t.device(),
+      " but the input is on ", input.device(), "; move the statistics to the input's device");
+  TORCH_CHECK(
+      is_supported_floating(t.scalar_type()), op, ": ", name,
+      " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+      t.scalar_type());
+  TORCH_CHECK(
+      t.dim() == 1 && t.size(0) == input.size(1), op, ": ", name,
+      " must be a 1-D tensor with one value per channel (", input.size(1),
+      " channels, input.shape[1]), got shape ", t.sizes());
+}
+
+void check_data(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(
+      t.dim() >= 2, op, ": expected ", name, " of shape (N, C, *) with at least 2 dimensions, got a ",
+      t.dim(), "-D tensor of shape ", t.sizes());
+  TORCH_CHECK(
+      is_supported_floating(t.scalar_type()), op, ": ", name,
+      " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+}  // namespace
+
+Stats check_forward_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var) {
+  constexpr const char* op = "frozen_bn";
+  check_data(input, "input", op);
+  Stats s;
+  s.mean = running_mean;
+  s.var = running_var;
+  check_stat(s.mean, "running_mean", input, op);
+  check_stat(s.var, "running_var", input, op);
+  if (weight.has_value() && weight->defined()) {
+    s.weight = *weight;
+    check_stat(s.weight, "weight", input, op);
+  }
+  if (bias.has_value() && bias->defined()) {
+    s.bias = *bias;
+    check_stat(s.bias, "bias", input, op);
+  }
+  // One dtype for all statistics: they normally share one already (this is then free).
+  at::ScalarType common = c10::promoteTypes(s.mean.scalar_type(), s.var.scalar_type());
+  if (s.weight.defined()) common = c10::promoteTypes(common, s.weight.scalar_type());
+  if (s.bias.defined()) common = c10::promoteTypes(common, s.bias.scalar_type());
+  for (at::Tensor* t : {&s.weight, &s.bias, &s.mean, &s.var}) {
+    if (!t->defined()) continue;
+    if (t->scalar_type() != common) *t = t->to(common);
+    if (!t->is_contiguous()) *t = t->contiguous();
+  }
+  return s;
+}
+
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale) {
+  constexpr const char* op = "frozen_bn_backward";
+  check_data(grad_output, "grad_output", op);
+  TORCH_CHECK(scale.defined(), op, ": scale is an undefined tensor");
+  TORCH_CHECK(
+      scale.device() == grad_output.device(), op, ": scale is on ", scale.device(),
+      " but grad_output is on ", grad_output.device());
+  TORCH_CHECK(
+      scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble, op,
+      ": scale must be float32 or float64 (the per-channel scale frozen_bn returns), got ",
+      scale.scalar_type());
+  TORCH_CHECK(
+      scale.dim() == 1 && scale.size(0) == grad_output.size(1), op,
+      ": scale must be a 1-D tensor with one value per channel (", grad_output.size(1),
+      " channels), got shape ", scale.sizes());
+}
+
+std::vector<int64_t> channel_shape(const at::Tensor& input) {
+  std::vector<int64_t> shape(input.dim(), 1);
+  shape[1] = input.size(1);
+  return shape;
+}
+
+}  // namespace frozennorm
+

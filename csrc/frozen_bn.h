@@ -1,0 +1,45 @@
+// Shared declarations of the frozennorm ops: argument checks and dtype rules used by
+// every backend (CPU, CUDA, and the CUDA emulation used in tests).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <optional>
+
+namespace frozennorm {
+
+// The four statistics of a frozen BatchNorm, validated against the input and converted to
+// one common floating dtype, contiguous. `weight`/`bias` are undefined when absent.
+struct Stats {
+  at::Tensor weight;
+  at::Tensor bias;
+  at::Tensor mean;
+  at::Tensor var;
+};
+
+// Checks the arguments of frozen_bn (rank, dtype, device, statistic lengths) with errors
+// that name the problem, and returns the statistics ready for a kernel.
+Stats check_forward_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var);
+
+// Checks the arguments of frozen_bn_backward.
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale);
+
+// The dtype of the per-channel parameters and of the arithmetic: float64 for float64 data,
+// and for float32 data with float64 statistics (so that a float64 mean is not rounded to
+// float32 where |mean| >> std); float32 otherwise. For float16/bfloat16 data float32 is
+// exact enough: the single rounding to the data's dtype dominates.
+inline at::ScalarType compute_dtype(at::ScalarType data, at::ScalarType stats) {
+  if (data == at::kDouble || (data == at::kFloat && stats == at::kDouble)) return at::kDouble;
+  return at::kFloat;
+}
+
+// Shape [1, C, 1, ...] of the input's rank, to broadcast a per-channel vector.
+std::vector<int64_t> channel_shape(const at::Tensor& input);
+
+}  // namespace frozennorm

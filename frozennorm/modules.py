@@ -1,0 +1,169 @@
+"""FrozenBatchNorm1d/2d/3d: BatchNorm with frozen statistics, as buffers, on the fused op."""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .ops import frozen_batch_norm
+
+__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _keeps_fp32(old: Tensor, new: Tensor) -> bool:
+    """Would ``old -> new`` cast full-precision statistics to fewer than 32 bits?"""
+    return (old.is_floating_point() and new.is_floating_point()
+            and old.dtype not in _LOW_PRECISION and torch.finfo(new.dtype).bits < 32)
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with frozen statistics and affine parameters, for inputs ``(N, C, *)``.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel,
+    exactly what ``nn.BatchNorm*d`` computes in ``eval()`` mode, in one fused kernel
+    forward and one backward (gradients flow to the input only).
+
+    All four tensors are buffers, not parameters: nothing here is trained, ``train()`` and
+    ``eval()`` change nothing, and an optimizer never sees them. It is not a
+    ``_BatchNorm`` subclass, so ``nn.SyncBatchNorm.convert_sync_batchnorm``, apex and
+    mmdet's ``norm_eval`` leave it alone.
+
+    The statistics stay float32 when the module is cast with ``.half()``/``.bfloat16()``
+    (the output follows the input's dtype; float16 statistics would lose the mean);
+    ``.double()`` makes them float64. Loads ``nn.BatchNorm*d`` state dicts with
+    ``strict=True`` (``num_batches_tracked`` is dropped) and torchvision's/detectron2's
+    ``FrozenBatchNorm2d`` ones.
+
+    This class accepts any rank >= 2 (what ``nn.SyncBatchNorm`` is fed);
+    :class:`FrozenBatchNorm1d`/``2d``/``3d`` check the rank like their BatchNorm twins.
+    """
+
+    _version = 2
+    #: input ranks accepted (None: any rank >= 2)
+    _input_dims: Optional[Tuple[int, ...]] = None
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *,
+                 device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        if num_features <= 0:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        kw = {"device": device, "dtype": dtype or torch.float32}
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        return frozen_batch_norm(input, self.running_mean, self.running_var,
+                                 self.weight, self.bias, self.eps)
+
+    def _check_input(self, input: Tensor) -> None:
+        dims = self._input_dims
+        if dims is None:
+            if input.dim() < 2:
+                raise ValueError(
+                    f"{type(self).__name__}: expected an input of at least 2 dimensions "
+                    f"(N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
+        elif input.dim() not in dims:
+            want = " or ".join(f"{d}D" for d in dims)
+            raise ValueError(
+                f"{type(self).__name__}: expected {want} input, got {input.dim()}D input of "
+                f"shape {tuple(input.shape)}")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}: input has {input.shape[1]} channels (dim 1 of shape "
+                f"{tuple(input.shape)}) but the module has num_features={self.num_features}")
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> "FrozenBatchNorm":
+        """A frozen copy of any BatchNorm-like module (statistics copied, not aliased).
+
+        Accepts ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, their subclasses and any
+        module with ``running_mean``/``running_var`` (and optionally ``weight``/``bias``/
+        ``eps``), such as torchvision's or detectron2's ``FrozenBatchNorm2d``. Device and
+        dtype are kept; ``affine=False`` gives weight 1 and bias 0; a module without ``eps``
+        (apex's contrib FrozenBatchNorm2d) gives eps 0, as it computes.
+        """
+        mean = getattr(bn, "running_mean", None)
+        var = getattr(bn, "running_var", None)
+        if mean is None or var is None:
+            raise ValueError(
+                f"{type(bn).__name__} has no running statistics (track_running_stats=False "
+                f"normalises with batch statistics): there is nothing to freeze")
+        frozen = cls(mean.numel(), eps=float(getattr(bn, "eps", 0.0)),
+                     device=mean.device, dtype=mean.dtype)
+        weight = getattr(bn, "weight", None)
+        bias = getattr(bn, "bias", None)
+        with torch.no_grad():
+            frozen.running_mean = mean.detach().clone()
+            frozen.running_var = var.detach().clone()
+            frozen.weight = (weight.detach().clone() if weight is not None
+                             else torch.ones_like(frozen.running_mean))
+            frozen.bias = (bias.detach().clone() if bias is not None
+                           else torch.zeros_like(frozen.running_mean))
+        return frozen
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Cast like nn.Module, except that statistics never drop below float32.
+        if recurse:
+            for module in self.children():
+                module._apply(fn)
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            new = fn(buf)
+            if _keeps_fp32(buf, new):
+                new = buf.to(device=new.device, dtype=torch.float32)
+            self._buffers[name] = new
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        # nn.BatchNorm*d checkpoints carry a step counter a frozen layer has no use for.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        version = local_metadata.get("version", None)
+        mean_key, var_key = prefix + "running_mean", prefix + "running_var"
+        if ((version is None or version < 2) and mean_key not in state_dict
+                and var_key not in state_dict and prefix + "weight" in state_dict):
+            # detectron2 checkpoints converted from Caffe2 hold only weight and bias, with
+            # the statistics already folded in: the identity statistics keep them exact.
+            state_dict[mean_key] = torch.zeros_like(self.running_mean)
+            state_dict[var_key] = torch.ones_like(self.running_var)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def __setstate__(self, state: Any) -> None:
+        super().__setstate__(state)
+
+
+class FrozenBatchNorm1d(FrozenBatchNorm):
+    """Frozen ``nn.BatchNorm1d``: inputs ``(N, C)`` or ``(N, C, L)``."""
+
+    _input_dims = (2, 3)
+
+
+class FrozenBatchNorm2d(FrozenBatchNorm):
+    """Frozen ``nn.BatchNorm2d``: inputs ``(N, C, H, W)``, any memory format."""
+
+    _input_dims = (4,)
+
+
+class FrozenBatchNorm3d(FrozenBatchNorm):
+    """Frozen ``nn.BatchNorm3d``: inputs ``(N, C, D, H, W)``, any memory format."""
+
+    _input_dims = (5,)

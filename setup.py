@@ -1,0 +1,269 @@
+"""Build of frozennorm's C++ (CPU) and CUDA extension, ``frozennorm._C``.
+
+``pip install --no-build-isolation .`` always builds the C++ kernels, and the CUDA kernels
+whenever torch is a CUDA build and a CUDA toolkit is found (no GPU needed).
+
+Environment switches:
+  FORCE_CUDA=1            build the CUDA kernels or fail saying why (e.g. on a machine
+                          without a GPU, where they would otherwise still be built)
+  USE_CUDA=0              skip the CUDA kernels
+  TORCH_CUDA_ARCH_LIST    archs to compile for, e.g. "9.0" or "8.0;9.0+PTX"; default: the
+                          visible GPUs, else a list of current architectures
+  MAX_JOBS                parallel compile jobs (with ninja)
+  CUDA_HOME               the toolkit to use (found automatically otherwise, also when
+                          `nvcc` on PATH is a wrapper script)
+  DEBUG=1                 -O0 -g
+"""
+import glob
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cusparse.h", "cusolverDn.h", "cufft.h", "curand.h")
+
+
+def log(msg):
+    print(f"[frozennorm build] {msg}", file=sys.stderr, flush=True)
+
+
+def env_flag(name):
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def read_version():
+    with open(os.path.join(ROOT, "frozennorm", "version.py")) as f:
+        return re.search(r'__version__\s*=\s*"([^"]+)"', f.read()).group(1)
+
+
+def is_elf(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def nvcc_behind(path):
+    """The real nvcc a wrapper script execs, or ``path`` itself when it is the binary."""
+    path = os.path.realpath(path)
+    if is_elf(path):
+        return path
+    try:
+        with open(path, errors="ignore") as f:
+            text = f.read(65536)
+    except OSError:
+        return None
+    for candidate in re.findall(r"(/[^\s\"'$;|&]*?/bin/nvcc)\b", text):
+        candidate = os.path.realpath(candidate)
+        if candidate != path and is_elf(candidate):
+            return candidate
+    return None
+
+
+def toolkit_ok(home):
+    return bool(home) and is_elf(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home(torch_cuda):
+    """A CUDA toolkit with a real nvcc binary and the runtime headers, or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    which = shutil.which("nvcc")
+    if which:
+        real = nvcc_behind(which)
+        if real:
+            candidates.append(os.path.dirname(os.path.dirname(real)))
+    if torch_cuda:
+        candidates.append(f"/usr/local/cuda-{torch_cuda}")
+    candidates += ["/usr/local/cuda", "/opt/cuda", "/usr/lib/cuda"]
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if home and toolkit_ok(os.path.realpath(home)):
+            return os.path.realpath(home)
+    return None
+
+
+def nvcc_version(home):
+    out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"],
+                         capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else "unknown"
+
+
+def extra_cuda_includes(home):
+    """Include dirs for CUDA library headers torch's headers use but the toolkit lacks.
+
+    Slim toolkits (e.g. only nvcc + cudart) miss cuBLAS/cuSPARSE/... headers, which the
+    ``nvidia-*`` wheels torch depends on ship under site-packages/nvidia/<lib>/include or
+    site-packages/nvidia/cu<major>/include.
+    """
+    missing = [h for h in CUDA_LIBRARY_HEADERS
+               if not os.path.isfile(os.path.join(home, "include", h))]
+    if not missing:
+        return []
+    roots = []
+    for path in sys.path:
+        nvidia = os.path.join(path, "nvidia")
+        if os.path.isdir(nvidia):
+            roots.append(nvidia)
+    dirs = []
+    for header in missing:
+        for root in roots:
+            hits = sorted(glob.glob(os.path.join(root, "*", "include", header)))
+            if hits:
+                include = os.path.dirname(hits[0])
+                if include not in dirs:
+                    dirs.append(include)
+                break
+        else:
+            log(f"warning: {header} is neither in {home}/include nor in an nvidia wheel")
+    return dirs
+
+
+def default_arch_list(nvcc_release):
+    """Archs for a build without a visible GPU: current architectures nvcc supports."""
+    major = int(nvcc_release.split(".")[0]) if nvcc_release[0].isdigit() else 12
+    if major >= 13:
+        return "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+    return "7.0;7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def configure():
+    """Decides what to build; returns (ext_modules, cmdclass, build_info)."""
+    import torch
+
+    torch_cuda = torch.version.cuda
+    use_cuda = env_flag("USE_CUDA")
+    force_cuda = env_flag("FORCE_CUDA")
+    debug = env_flag("DEBUG")
+    cuda_home = None
+    reason = ""
+    if use_cuda is False:
+        reason = "USE_CUDA=0"
+    elif torch_cuda is None:
+        reason = f"torch {torch.__version__} is not a CUDA build"
+    else:
+        cuda_home = find_cuda_home(torch_cuda)
+        if cuda_home is None:
+            reason = "no CUDA toolkit found (set CUDA_HOME to one with bin/nvcc)"
+    with_cuda = cuda_home is not None
+    if force_cuda and not with_cuda:
+        raise RuntimeError(f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+
+    if with_cuda:
+        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+        os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils import cpp_extension
+
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home
+
+    sources = [os.path.relpath(p, ROOT) for p in
+               sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+               + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    extra = {"cxx": opt + ["-Wall", "-Wno-unknown-pragmas"]}
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    info = {
+        "version": read_version(),
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch_cuda,
+        "with_cuda": with_cuda,
+        "cuda_home": cuda_home,
+        "nvcc_version": None,
+        "cuda_arch_list": None,
+        "python": sys.version.split()[0],
+    }
+    if with_cuda:
+        nvcc_release = nvcc_version(cuda_home)
+        if torch_cuda.split(".")[0] != nvcc_release.split(".")[0]:
+            log(f"warning: nvcc {nvcc_release} differs in major version from torch's CUDA "
+                f"{torch_cuda}; torch may refuse to build")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(nvcc_release)
+            log("no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for "
+                f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs' archs"
+        sources += [os.path.relpath(p, ROOT) for p in
+                    sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        include_dirs += extra_cuda_includes(cuda_home)
+        extra["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+        extra["cxx"].append("-DFROZENNORM_WITH_CUDA")
+        info.update(nvcc_version=nvcc_release, cuda_arch_list=arch_list)
+        ext_cls = cpp_extension.CUDAExtension
+    else:
+        ext_cls = cpp_extension.CppExtension
+
+    log(f"torch {torch.__version__} (CUDA {torch_cuda}), python {info['python']}")
+    if with_cuda:
+        log(f"CUDA kernels: ON  (toolkit {cuda_home}, nvcc {info['nvcc_version']}, "
+            f"archs {info['cuda_arch_list']})")
+        extra_inc = include_dirs[1:]
+        if extra_inc:
+            log(f"CUDA library headers from: {', '.join(extra_inc)}")
+    else:
+        log(f"CUDA kernels: OFF ({reason})")
+    log(f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, debug={bool(debug)}")
+
+    ext = ext_cls(
+        name="frozennorm._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args=extra,
+    )
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """Builds the extension and records what it was built for beside it."""
+
+        def build_extension(self, ext):
+            self._compile_avx2_sources(ext)
+            super().build_extension(ext)
+            self._write_info(os.path.dirname(self.get_ext_fullpath(ext.name)))
+
+        def copy_extensions_to_source(self):
+            # In-place builds happen in build/ and then copy the library alone.
+            super().copy_extensions_to_source()
+            self._write_info(os.path.join(ROOT, "frozennorm"))
+
+        @staticmethod
+        def _write_info(directory):
+            with open(os.path.join(directory, "_build_info.json"), "w") as f:
+                json.dump(info, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+        def _compile_avx2_sources(self, ext):
+            """Compiles *_avx2.cpp with AVX2/FMA/F16C enabled for those files only."""
+            avx2 = [s for s in ext.sources if s.endswith("_avx2.cpp")]
+            if not avx2:
+                return
+            ext.sources = [s for s in ext.sources if s not in avx2]
+            if platform.machine().lower() not in ("x86_64", "amd64"):
+                return  # the file then builds a stub; only the baseline loop is used
+            cflags = ext.extra_compile_args
+            cflags = list(cflags["cxx"] if isinstance(cflags, dict) else cflags)
+            objects = self.compiler.compile(
+                avx2, output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                extra_postargs=cflags + ["-mavx2", "-mfma", "-mf16c"])
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+
+    return [ext], {"build_ext": BuildExt}
+
+
+ext_modules, cmdclass = configure()
+
+setup(
+    version=read_version(),
+    packages=find_packages(include=["frozennorm", "frozennorm.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,297 @@
+"""The fused op against an fp64 oracle: values, gradients, layouts, opcheck, errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import device_params, requires_cuda
+from oracle import (DTYPES, assert_close_to_exact, compute_eps, fixed_samples, is_dense, make_layout,
+                    make_sample, oracle, oracle_terms, samples)
+
+import frozennorm
+from frozennorm import frozen_batch_norm
+
+frozen_bn = torch.ops.frozennorm.frozen_bn
+frozen_bn_backward = torch.ops.frozennorm.frozen_bn_backward
+
+
+def stats_dtype(s):
+    return s.mean.dtype
+
+
+def check_forward(s):
+    y, scale = frozen_bn(*s.args())
+    assert y.dtype == s.x.dtype
+    assert y.shape == s.x.shape
+    if s.x.numel() > 0 and is_dense(s.x):
+        assert y.stride() == s.x.stride(), "output must keep the input's memory format"
+    cdt = torch.float64 if compute_eps(s.x.dtype, stats_dtype(s)) < 2**-30 else torch.float32
+    assert scale.dtype == cdt and scale.shape == (s.x.shape[1],)
+    exact = oracle(*s.args())
+    assert_close_to_exact(y, exact, oracle_terms(*s.args()),
+                          compute_eps(s.x.dtype, stats_dtype(s)))
+    return y, scale
+
+
+def check_backward(s, scale):
+    g = make_layout(torch.randn(s.x.shape, dtype=torch.float64).to(s.x.dtype).to(s.x.device),
+                    "contiguous")
+    gi = frozen_bn_backward(g, scale)
+    assert gi.dtype == g.dtype and gi.stride() == g.stride()
+    ones = torch.zeros_like(s.mean)
+    exact = oracle(g, s.weight, None, ones, s.var, s.eps)
+    terms = exact.abs()
+    assert_close_to_exact(gi, exact, terms, compute_eps(g.dtype, scale.dtype), "grad_input")
+
+
+@pytest.mark.parametrize("device", device_params())
+@given(data=st.data())
+def test_forward_backward_match_oracle(device, data):
+    s = data.draw(samples(device=device))
+    _, scale = check_forward(s)
+    check_backward(s, scale)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "permuted", "expanded"])
+@pytest.mark.parametrize("shape", [[2, 3, 5, 7], [0, 4, 3, 3], [3, 64, 1, 1], [1, 1, 9, 9],
+                                   [2, 4, 3, 5, 6], [5, 7], [4, 6, 11], [2, 13, 17, 19],
+                                   # planes of 4, 8, 255, 256, 257 elements (vector-width and
+                                   # small-plane boundaries of the CPU kernel)
+                                   [3, 5, 2, 2], [3, 5, 2, 4], [2, 3, 1, 255], [2, 3, 16, 16],
+                                   [2, 3, 1, 257]])
+def test_layouts_and_shapes(device, dtype, layout, shape):
+    s = make_sample(shape, dtype, layout, "typical", device=device, seed=len(shape))
+    _, scale = check_forward(s)
+    check_backward(s, scale)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mean_much_larger_than_std_is_exact(device, dtype):
+    """Where x * scale + shift loses ~1000 ulps, (x - mean) * scale + bias stays exact."""
+    s = make_sample([4, 32, 16, 16], dtype, regime="mean_gg_std", device=device, seed=3)
+    y, _ = check_forward(s)
+    if dtype == torch.float32:
+        exact = oracle(*s.args())
+        err = ((y.double() - exact).abs() / exact.abs().clamp_min(1)).max().item()
+        assert err <= 4 * 2**-23, f"{err / 2**-23:.1f} ulps"
+        # nn.BatchNorm2d's eval path, on the same values, is measurably worse
+        bn = F.batch_norm(s.x, s.mean, s.var, s.weight, s.bias, False, 0.0, s.eps)
+        bn_err = ((bn.double() - exact).abs() / exact.abs().clamp_min(1)).max().item()
+        assert err < bn_err
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stats", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_statistics_dtype_is_independent_of_input(device, dtype, stats):
+    s = make_sample([2, 6, 5, 5], dtype, stats_dtype=stats, device=device, seed=5)
+    y, _ = check_forward(s)
+    # mixed statistics dtypes too
+    y2, _ = frozen_bn(s.x, s.weight.half() if s.weight is not None else None, s.bias,
+                      s.mean, s.var.double(), s.eps)
+    exact = oracle(s.x, s.weight.half(), s.bias, s.mean, s.var.double(), s.eps)
+    assert_close_to_exact(y2, exact, exact.abs() + 10, compute_eps(dtype, torch.float64))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_batchnorm_eval(device, dtype):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(24).to(device)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.2, 3)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(3, 24, 9, 11, device=device).to(dtype)
+    expected = bn.to(dtype)(x) if dtype != torch.float16 or device == "cuda" else bn(x.float())
+    bn.float()
+    frozen = frozennorm.FrozenBatchNorm2d.from_batchnorm(bn)
+    y = frozen(x)
+    assert y.dtype == dtype
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5, torch.float64: 1e-6}[dtype]
+    torch.testing.assert_close(y.double(), expected.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_nan_inf_propagate_as_batchnorm(device):
+    x = torch.randn(2, 4, 3, 3, device=device)
+    x[0, 0, 0, 0] = float("nan")
+    x[0, 1, 1, 1] = float("inf")
+    x[1, 2, 2, 2] = float("-inf")
+    mean = torch.randn(4, device=device)
+    var = torch.rand(4, device=device) + 0.1
+    w = torch.tensor([1.0, -2.0, 0.5, 1.0], device=device)
+    b = torch.randn(4, device=device)
+    y = frozen_batch_norm(x, mean, var, w, b)
+    ref = F.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isposinf(y), torch.isposinf(ref))
+    assert torch.equal(torch.isneginf(y), torch.isneginf(ref))
+    # NaN statistics poison exactly their channel
+    var2 = var.clone()
+    var2[3] = float("nan")
+    y2 = frozen_batch_norm(torch.randn(2, 4, 3, 3, device=device), mean, var2, w, b)
+    assert torch.isnan(y2[:, 3]).all() and torch.isfinite(y2[:, :3]).all()
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_gradcheck_fp64(device):
+    torch.manual_seed(0)
+    opts = dict(device=device, dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 5, **opts, requires_grad=True)
+    w = torch.randn(3, **opts, requires_grad=True)
+    b = torch.randn(3, **opts, requires_grad=True)
+    m = torch.randn(3, **opts, requires_grad=True)
+    v = (torch.rand(3, **opts) + 0.5).requires_grad_()
+    fn = lambda x, w, b, m, v: frozen_batch_norm(x, m, v, w, b, 1e-3)
+    assert torch.autograd.gradcheck(fn, (x, w, b, m, v))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b, m, v))
+    # the common case: only the input requires grad (buffers), channels_last
+    xc = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    fn2 = lambda x: frozen_batch_norm(x, m.detach(), v.detach(), w.detach(), b.detach())
+    assert torch.autograd.gradcheck(fn2, (xc,))
+    assert torch.autograd.gradgradcheck(fn2, (xc,))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_backward_saves_no_activation_and_no_buffers(device):
+    """Only the per-channel scale is saved: no input, no output, no statistics tensor."""
+    m = frozennorm.FrozenBatchNorm2d(16).to(device)
+    x = torch.randn(4, 16, 32, 32, device=device, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    assert len(saved) == 1
+    assert saved[0].shape == (16,)
+    for buf in m.buffers():
+        assert saved[0].data_ptr() != buf.data_ptr()
+    # buffers changed in place between forward and backward (as DDP's broadcast does)
+    with torch.no_grad():
+        for buf in m.buffers():
+            buf.add_(1.0)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck(device):
+    for s in fixed_samples(device) + fixed_samples(device, requires_grad=True):
+        torch.library.opcheck(frozen_bn.default, s.args())
+        _, scale = frozen_bn(*[a.detach() if torch.is_tensor(a) else a for a in s.args()])
+        g = torch.randn_like(s.x.detach())
+        torch.library.opcheck(frozen_bn_backward.default, (g, scale))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_torch_compile_traces_the_op(device):
+    m = frozennorm.FrozenBatchNorm2d(8).to(device)
+    x = torch.randn(2, 8, 5, 5, device=device, requires_grad=True)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (m.weight / torch.sqrt(m.running_var + m.eps)).view(
+        1, -1, 1, 1).expand_as(x))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_export_traces_the_op(device):
+    m = frozennorm.FrozenBatchNorm2d(8).to(device)
+    x = torch.randn(2, 8, 5, 5, device=device)
+    ep = torch.export.export(m, (x,))
+    torch.testing.assert_close(ep.module()(x), m(x))
+
+
+class TestErrors:
+    def stats(self, c=4, **kw):
+        return torch.zeros(c, **kw), torch.ones(c, **kw)
+
+    def test_rank(self):
+        mean, var = self.stats()
+        with pytest.raises(RuntimeError, match="at least 2 dimensions"):
+            frozen_batch_norm(torch.randn(4), mean, var)
+
+    def test_channel_count(self):
+        mean, var = self.stats(4)
+        with pytest.raises(RuntimeError, match=r"running_mean must be a 1-D tensor with one value per channel \(3 channels"):
+            frozen_batch_norm(torch.randn(2, 3, 5), mean, var)
+
+    def test_statistic_wrong_length(self):
+        mean, var = self.stats(4)
+        with pytest.raises(RuntimeError, match="weight must be a 1-D tensor"):
+            frozen_batch_norm(torch.randn(2, 4, 5), mean, var, torch.ones(5))
+        with pytest.raises(RuntimeError, match="bias must be a 1-D tensor"):
+            frozen_batch_norm(torch.randn(2, 4, 5), mean, var, None, torch.ones(2, 2))
+
+    def test_non_floating_input(self):
+        mean, var = self.stats()
+        with pytest.raises(RuntimeError, match="input must be float16, bfloat16, float32 or float64, got Long"):
+            frozen_batch_norm(torch.ones(2, 4, dtype=torch.long), mean, var)
+
+    def test_non_floating_statistics(self):
+        with pytest.raises(RuntimeError, match="running_var must be a floating-point tensor"):
+            frozen_batch_norm(torch.randn(2, 4), torch.zeros(4), torch.ones(4, dtype=torch.int32))
+
+    def test_device_mismatch_is_named(self):
+        mean, var = self.stats(device="meta")
+        with pytest.raises(RuntimeError, match="is on meta but the input is on cpu"):
+            frozen_batch_norm(torch.randn(2, 4), mean, var)
+
+    @requires_cuda
+    def test_device_mismatch_cuda(self):
+        mean, var = self.stats()
+        with pytest.raises(RuntimeError, match="running_mean is on cpu but the input is on cuda"):
+            frozen_batch_norm(torch.randn(2, 4, device="cuda"), mean, var)
+
+    def test_backward_scale_checks(self):
+        with pytest.raises(RuntimeError, match="scale must be float32 or float64"):
+            frozen_bn_backward(torch.randn(2, 4), torch.ones(4, dtype=torch.float16))
+        with pytest.raises(RuntimeError, match="one value per channel"):
+            frozen_bn_backward(torch.randn(2, 4), torch.ones(3))
+
+
+def test_zero_size_and_one_by_one():
+    s = make_sample([0, 5, 3, 3], torch.float32)
+    y, scale = frozen_bn(*s.args())
+    assert y.shape == (0, 5, 3, 3) and torch.isfinite(scale).all()
+    x = torch.randn(0, 5, 3, 3, requires_grad=True)
+    frozen_batch_norm(x, s.mean, s.var).sum().backward()
+    assert x.grad.shape == x.shape
+    s = make_sample([7, 3, 1, 1], torch.float16)
+    check_forward(s)
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements_cpu():
+    """64-bit indexing: a 2^31 + 1000 element float16 tensor (~4 GiB in, ~4 GiB out)."""
+    numel = 2**31 + 1000
+    C = 2
+    try:
+        x = torch.empty(numel, dtype=torch.float16).view(1, C, numel // C)
+    except RuntimeError:
+        pytest.skip("not enough memory")
+    x.fill_(1.0)
+    x[0, 1, -1] = 3.0
+    x[0, 0, 0] = -1.0
+    mean = torch.tensor([1.0, 2.0])
+    var = torch.tensor([4.0, 0.25])
+    y = frozen_batch_norm(x, mean, var, eps=0.0)
+    assert y[0, 1, -1].item() == 2.0  # (3 - 2) / 0.5
+    assert y[0, 0, 0].item() == -1.0  # (-1 - 1) / 2
+    assert y[0, 1, 0].item() == -2.0
+    assert y[0, 0, -1].item() == 0.0
+    del y
