@@ -1,4 +1,5 @@
 // Autograd of the frozennorm ops (registered for the Autograd key of every backend).
+// frozen_bn / frozen_bn_backward:
 //
 // The input gradient needs only the per-channel `scale` the forward returns: nothing of
 // activation size is saved, and never the caller's statistics tensors (DDP overwrites module
@@ -130,6 +131,102 @@ class FrozenBNBackwardFunction : public torch::autograd::Function<FrozenBNBackwa
   }
 };
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_act_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean, const at::Tensor& var, double eps, int64_t activation,
+    bool save_preact) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("frozennorm::frozen_bn_act", "")
+                       .typed<decltype(call_act_forward)>();
+  return op.call(input, residual, weight, bias, mean, var, eps, activation, save_preact);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_act_backward(const at::Tensor& grad_output,
+                                                     const at::Tensor& saved,
+                                                     const at::Tensor& scale, int64_t activation,
+                                                     bool residual_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("frozennorm::frozen_bn_act_backward", "")
+                       .typed<decltype(call_act_backward)>();
+  return op.call(grad_output, saved, scale, activation, residual_grad);
+}
+
+// The fused epilogue: gradients for the input and the residual. What is saved is what the
+// unfused sequence would save: nothing of activation size for identity, the output for
+// ReLU/ReLU6, the pre-activation for SiLU (the forward writes it only then).
+class FrozenBNActFunction : public torch::autograd::Function<FrozenBNActFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& residual,
+      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+      const at::Tensor& mean, const at::Tensor& var, double eps, int64_t activation, bool) {
+    TORCH_CHECK(!(requires_grad(weight) || requires_grad(bias) || mean.requires_grad() ||
+                  var.requires_grad()),
+                "frozen_bn_act differentiates the input and the residual only; for gradients of "
+                "the statistics use frozen_bn followed by the activation");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool silu = activation == static_cast<int64_t>(Activation::kSiLU);
+    auto [out, scale, preact] =
+        call_act_forward(input, residual, weight, bias, mean, var, eps, activation, silu);
+    ctx->saved_data["activation"] = activation;
+    const bool identity = activation == static_cast<int64_t>(Activation::kIdentity);
+    ctx->save_for_backward({scale, identity ? at::Tensor() : (silu ? preact : out)});
+    ctx->mark_non_differentiable({scale, preact});
+    return {out, scale, preact};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t activation = ctx->saved_data["activation"].toInt();
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "frozen_bn_act does not support double backward; use frozen_bn followed by the "
+                "activation where second derivatives are needed");
+    variable_list out(9);
+    const bool need_residual = ctx->needs_input_grad(1);
+    if (activation == static_cast<int64_t>(Activation::kIdentity)) {
+      if (ctx->needs_input_grad(0)) out[0] = call_backward(grads[0], saved[0]);
+      if (need_residual) out[1] = grads[0];
+      return out;
+    }
+    auto [grad_input, grad_residual] =
+        call_act_backward(grads[0], saved[1], saved[0], activation, need_residual);
+    out[0] = grad_input;
+    if (need_residual) out[1] = grad_residual;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_autograd(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+    int64_t activation, bool save_preact) {
+  if (!at::GradMode::is_enabled() ||
+      !(input.requires_grad() || requires_grad(residual) || requires_grad(weight) ||
+        requires_grad(bias) || running_mean.requires_grad() || running_var.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // nothing to record
+    return call_act_forward(input, residual, weight, bias, running_mean, running_var, eps,
+                            activation, save_preact);
+  }
+  auto out = FrozenBNActFunction::apply(input, residual, weight, bias, running_mean, running_var,
+                                        eps, activation, save_preact);
+  return {out[0], out[1], out[2]};
+}
+
+// The fused backward is not itself differentiable: calling it on tensors that require grad
+// under grad mode (a double backward through frozen_bn_act) says so.
+std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& saved, const at::Tensor& scale,
+    int64_t activation, bool residual_grad) {
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !(grad_output.requires_grad() || saved.requires_grad() || scale.requires_grad()),
+              "frozen_bn_act_backward is not differentiable (no double backward through the fused "
+              "epilogue; use frozen_bn followed by the activation)");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call_act_backward(grad_output, saved, scale, activation, residual_grad);
+}
+
 std::tuple<at::Tensor, at::Tensor> frozen_bn_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
@@ -154,4 +251,6 @@ at::Tensor frozen_bn_backward_autograd(const at::Tensor& grad_output, const at::
 TORCH_LIBRARY_IMPL(frozennorm, Autograd, m) {
   m.impl("frozen_bn", &frozennorm::frozen_bn_autograd);
   m.impl("frozen_bn_backward", &frozennorm::frozen_bn_backward_autograd);
+  m.impl("frozen_bn_act", &frozennorm::frozen_bn_act_autograd);
+  m.impl("frozen_bn_act_backward", &frozennorm::frozen_bn_act_backward_autograd);
 }

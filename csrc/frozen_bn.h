@@ -27,6 +27,18 @@ Stats check_forward_args(
     const at::Tensor& running_mean,
     const at::Tensor& running_var);
 
+// The activation of the fused ops frozen_bn_act / frozen_bn_act_backward.
+enum class Activation : int64_t { kIdentity = 0, kReLU = 1, kReLU6 = 2, kSiLU = 3 };
+
+// Checks what frozen_bn_act adds to frozen_bn's arguments: the residual (same shape, dtype
+// and device as the input) and the activation code.
+void check_act_args(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                    int64_t activation);
+
+// Checks the arguments of frozen_bn_act_backward.
+void check_act_backward_args(const at::Tensor& grad_output, const at::Tensor& saved,
+                             const at::Tensor& scale, int64_t activation);
+
 // Checks the arguments of frozen_bn_backward.
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale);
 
@@ -38,6 +50,15 @@ inline at::ScalarType compute_dtype(at::ScalarType data, at::ScalarType stats) {
   if (data == at::kDouble || (data == at::kFloat && stats == at::kDouble)) return at::kDouble;
   return at::kFloat;
 }
+
+// Is t dense (non-overlapping, no gaps) with exactly like's strides?
+bool is_dense_like(const at::Tensor& t, const at::Tensor& like);
+
+// t itself if it is dense with like's strides, else a copy in like's layout.
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like);
+
+// t itself if it is dense, else a contiguous copy.
+at::Tensor dense(const at::Tensor& t);
 
 // Shape [1, C, 1, ...] of the input's rank, to broadcast a per-channel vector.
 std::vector<int64_t> channel_shape(const at::Tensor& input);

@@ -1,14 +1,14 @@
 """FrozenBatchNorm1d/2d/3d: BatchNorm with frozen statistics, as buffers, on the fused op."""
-from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .ops import frozen_batch_norm
+from .ops import ACTIVATIONS, frozen_batch_norm, frozen_batch_norm_act
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
+           "FusedFrozenBatchNorm"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -42,8 +42,8 @@ class FrozenBatchNorm(nn.Module):
     """
 
     _version = 2
-    #: input ranks accepted (None: any rank >= 2)
-    _input_dims: Optional[Tuple[int, ...]] = None
+    #: input ranks accepted, (lowest, highest)
+    _input_dims: Tuple[int, int] = (2, 2**31 - 1)
 
     weight: Tensor
     bias: Tensor
@@ -58,6 +58,9 @@ class FrozenBatchNorm(nn.Module):
             raise ValueError(f"num_features must be positive, got {num_features}")
         self.num_features = int(num_features)
         self.eps = float(eps)
+        # plain attributes, so that the checks below also compile with torch.jit.script
+        self._dims: Tuple[int, int] = type(self)._input_dims
+        self._name: str = type(self).__name__
         kw = {"device": device, "dtype": dtype or torch.float32}
         self.register_buffer("weight", torch.ones(num_features, **kw))
         self.register_buffer("bias", torch.zeros(num_features, **kw))
@@ -70,21 +73,21 @@ class FrozenBatchNorm(nn.Module):
                                  self.weight, self.bias, self.eps)
 
     def _check_input(self, input: Tensor) -> None:
-        dims = self._input_dims
-        if dims is None:
-            if input.dim() < 2:
-                raise ValueError(
-                    f"{type(self).__name__}: expected an input of at least 2 dimensions "
-                    f"(N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
-        elif input.dim() not in dims:
-            want = " or ".join(f"{d}D" for d in dims)
-            raise ValueError(
-                f"{type(self).__name__}: expected {want} input, got {input.dim()}D input of "
-                f"shape {tuple(input.shape)}")
+        lo, hi = self._dims
+        ndim = input.dim()
+        if ndim < lo or ndim > hi:
+            if lo == hi:
+                want = f"{lo}D"
+            elif hi == lo + 1:
+                want = f"{lo}D or {hi}D"
+            else:
+                want = f"at least {lo}D (N, C, *)"
+            raise ValueError(f"{self._name}: expected {want} input, got {ndim}D input of "
+                             f"shape {list(input.shape)}")
         if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}: input has {input.shape[1]} channels (dim 1 of shape "
-                f"{tuple(input.shape)}) but the module has num_features={self.num_features}")
+            raise ValueError(f"{self._name}: input has {input.shape[1]} channels (dim 1 of "
+                             f"shape {list(input.shape)}) but the module has "
+                             f"num_features={self.num_features}")
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module) -> "FrozenBatchNorm":
@@ -147,9 +150,6 @@ class FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
-    def __setstate__(self, state: Any) -> None:
-        super().__setstate__(state)
-
 
 class FrozenBatchNorm1d(FrozenBatchNorm):
     """Frozen ``nn.BatchNorm1d``: inputs ``(N, C)`` or ``(N, C, L)``."""
@@ -160,10 +160,48 @@ class FrozenBatchNorm1d(FrozenBatchNorm):
 class FrozenBatchNorm2d(FrozenBatchNorm):
     """Frozen ``nn.BatchNorm2d``: inputs ``(N, C, H, W)``, any memory format."""
 
-    _input_dims = (4,)
+    _input_dims = (4, 4)
 
 
 class FrozenBatchNorm3d(FrozenBatchNorm):
     """Frozen ``nn.BatchNorm3d``: inputs ``(N, C, D, H, W)``, any memory format."""
 
-    _input_dims = (5,)
+    _input_dims = (5, 5)
+
+
+class FusedFrozenBatchNorm(FrozenBatchNorm):
+    """A frozen BatchNorm with its activation (and a residual add) fused into one kernel.
+
+    ``forward(input, residual=None)`` returns ``act(bn(input) [+ residual])`` with ``act`` one
+    of "relu", "relu6", "silu", "identity" — exactly what the unfused modules compute, in one
+    pass over memory forward and one backward, saving what the unfused sequence saves.
+    Buffers and state dict are those of the frozen BatchNorm it replaces;
+    :func:`frozennorm.fuse` puts it in place of a ``bn -> [add ->] activation`` chain.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, activation: str = "relu", *,
+                 device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(num_features, eps, device=device, dtype=dtype)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+
+    @classmethod
+    def from_frozen(cls, frozen: FrozenBatchNorm, activation: str) -> "FusedFrozenBatchNorm":
+        """The fused form of ``frozen`` (its buffers shared, its input-rank check kept)."""
+        fused = cls(frozen.num_features, frozen.eps, activation,
+                    device=frozen.running_mean.device, dtype=frozen.running_mean.dtype)
+        for name, buf in frozen.named_buffers(recurse=False):
+            setattr(fused, name, buf)
+        fused._dims = frozen._dims
+        fused._name = f"{type(fused).__name__}({frozen._name})"
+        return fused
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        self._check_input(input)
+        return frozen_batch_norm_act(input, self.running_mean, self.running_var, self.weight,
+                                     self.bias, self.eps, self.activation, residual)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation}"

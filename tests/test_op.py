@@ -195,25 +195,45 @@ def test_opcheck(device):
         torch.library.opcheck(frozen_bn_backward.default, (g, scale))
 
 
+class _OpCall(torch.nn.Module):
+    """Calls the op itself (the modules use plain ATen ops while a graph is captured)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.inner = frozennorm.FrozenBatchNorm2d(c)
+        with torch.no_grad():
+            self.inner.running_mean.normal_()
+            self.inner.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        m = self.inner
+        return frozen_bn(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps)[0]
+
+
 @pytest.mark.parametrize("device", device_params())
 def test_torch_compile_traces_the_op(device):
-    m = frozennorm.FrozenBatchNorm2d(8).to(device)
+    """Fake kernel + autograd: the op itself compiles with fullgraph, forward and backward."""
+    mod = _OpCall(8).to(device)
     x = torch.randn(2, 8, 5, 5, device=device, requires_grad=True)
-    eager = m(x)
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    eager = mod(x)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager", dynamic=True)
     out = compiled(x)
     torch.testing.assert_close(out, eager)
     out.sum().backward()
+    m = mod.inner
     torch.testing.assert_close(x.grad, (m.weight / torch.sqrt(m.running_var + m.eps)).view(
         1, -1, 1, 1).expand_as(x))
+    out2 = compiled(torch.randn(3, 8, 4, 6, device=device).to(memory_format=torch.channels_last))
+    assert out2.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("device", device_params())
 def test_export_traces_the_op(device):
-    m = frozennorm.FrozenBatchNorm2d(8).to(device)
+    mod = _OpCall(8).to(device)
     x = torch.randn(2, 8, 5, 5, device=device)
-    ep = torch.export.export(m, (x,))
-    torch.testing.assert_close(ep.module()(x), m(x))
+    ep = torch.export.export(mod, (x,))
+    assert any(n.target == frozen_bn.default for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(x), mod(x))
 
 
 class TestErrors:

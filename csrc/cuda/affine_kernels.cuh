@@ -165,8 +165,8 @@ struct AffineOp {
     }
   }
 
-  template <int VEC, typename index_t>
-  FN_HD FN_INLINE void operator()(index_t i, const ChannelParams<acc_t> (&p)[VEC]) const {
+  template <int VEC>
+  FN_HD FN_INLINE void operator()(int64_t i, const ChannelParams<acc_t> (&p)[VEC]) const {
     const Pack<scalar_t, VEC> x = load_pack<scalar_t, VEC>(in + i);
     Pack<scalar_t, VEC> y;
 #pragma unroll
@@ -184,33 +184,27 @@ FN_HD FN_INLINE void write_scales(const ThreadIdx& t, const Src& src, index_t C,
   for (index_t c = tid; c < C; c += nthreads) scale_out[c] = src(c).scale;
 }
 
-// Quotient and remainder by a divisor fixed at launch. The 32-bit version replaces the
-// division by a multiply-high and a shift (n < 2^31, divisor >= 1); the 64-bit one divides.
-template <typename index_t>
+// Division by a divisor fixed at launch, as a multiply-high, an add and a shift
+// (n < 2^63, divisor >= 1): 64-bit indices for every tensor size, at the cost of a few
+// instructions per vector.
 struct Divider {
-  index_t d;
-  explicit Divider(index_t divisor) : d(divisor) {}
-  FN_HD FN_INLINE index_t div(index_t n) const {
-    return n / d;
+  uint64_t d, magic;
+  uint32_t shift;
+  explicit Divider(int64_t divisor) : d(static_cast<uint64_t>(divisor)), shift(0) {
+    while (shift < 64 && (uint64_t{1} << shift) < d) ++shift;
+    // magic = floor(2^64 * (2^shift - d) / d) + 1, which fits in 64 bits
+    const unsigned __int128 num = (static_cast<unsigned __int128>(1) << 64) *
+        ((static_cast<unsigned __int128>(1) << shift) - d);
+    magic = static_cast<uint64_t>(num / d + 1);
   }
-};
-
-template <>
-struct Divider<int32_t> {
-  uint32_t d, magic, shift;
-  explicit Divider(int32_t divisor) : d(static_cast<uint32_t>(divisor)) {
-    shift = 0;
-    while (shift < 32 && (uint64_t{1} << shift) < d) ++shift;
-    magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
-  }
-  FN_HD FN_INLINE int32_t div(int32_t n) const {
-    const uint32_t un = static_cast<uint32_t>(n);
+  FN_HD FN_INLINE int64_t div(int64_t n) const {
+    const uint64_t un = static_cast<uint64_t>(n);
 #if defined(__CUDA_ARCH__)
-    const uint32_t hi = __umulhi(un, magic);
+    const uint64_t hi = __umul64hi(un, magic);
 #else
-    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(un) * magic) >> 32);
+    const uint64_t hi = static_cast<uint64_t>((static_cast<unsigned __int128>(un) * magic) >> 64);
 #endif
-    return static_cast<int32_t>((hi + un) >> shift);
+    return static_cast<int64_t>((hi + un) >> shift);
   }
 };
 
@@ -218,13 +212,14 @@ struct Divider<int32_t> {
 // Each block takes one contiguous chunk of VEC-element vectors, its threads side by side,
 // so that a thread's next vector is usually in the same plane and its channel parameters
 // are reused; then the numel % VEC tail.
-template <int VEC, typename index_t, typename acc_t, typename Op, typename Src>
+template <int VEC, typename acc_t, typename Op, typename Src>
 struct PlanesKernel {
+  using index_t = int64_t;
   Op op;
   Src src;
   acc_t* scale_out;  // nullptr: don't write the scales
   index_t numel, C;
-  Divider<index_t> inner;
+  Divider inner;
   index_t vecs_per_block;
 
   FN_HD void operator()(const ThreadIdx& t) const {
@@ -233,27 +228,29 @@ struct PlanesKernel {
     const index_t nvec = numel / VEC;
     const index_t first = static_cast<index_t>(t.block.x) * vecs_per_block;
     const index_t last = first + vecs_per_block < nvec ? first + vecs_per_block : nvec;
-    index_t cached_q = -1;
+    index_t cached_q = -1, cached_c = 0;
     P cur{};
     for (index_t v = first + static_cast<index_t>(t.thread.x); v < last; v += t.block_dim.x) {
       const index_t i = v * VEC;
       const index_t q = inner.div(i);  // plane (n, c) of the vector's first element
       if (q != cached_q) {
-        cur = src(q % C);
         cached_q = q;
+        cached_c = q % C;
+        cur = src(cached_c);
       }
-      index_t r = i - q * inner.d;  // position inside that plane
+      const index_t plane = static_cast<index_t>(inner.d);
+      index_t r = i - q * plane;  // position inside that plane
       P p[VEC];
-      if (r + VEC <= static_cast<index_t>(inner.d)) {
+      if (r + VEC <= plane) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) p[j] = cur;
       } else {  // the vector runs into the next plane(s)
         P here = cur;
-        index_t c = q % C;
+        index_t c = cached_c;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           p[j] = here;
-          if (++r == static_cast<index_t>(inner.d)) {
+          if (++r == plane) {
             r = 0;
             c = (c + 1 == C) ? 0 : c + 1;
             here = src(c);
@@ -273,8 +270,9 @@ struct PlanesKernel {
 
 // Dense data with channel stride 1: `rows` rows of C channels, C % VEC == 0. Thread x owns
 // channels [g * VEC, g * VEC + VEC) of every row it visits; y walks the rows.
-template <int VEC, typename index_t, typename acc_t, typename Op, typename Src>
+template <int VEC, typename acc_t, typename Op, typename Src>
 struct RowsKernel {
+  using index_t = int64_t;
   Op op;
   Src src;
   acc_t* scale_out;

@@ -1,5 +1,6 @@
-// CUDA implementation of frozennorm::frozen_bn and frozennorm::frozen_bn_backward: the host
-// logic in frozen_bn_cuda_impl.h driving real launches on the current stream.
+// CUDA implementation of the frozennorm ops (frozen_bn, frozen_bn_backward, frozen_bn_act,
+// frozen_bn_act_backward): the host logic in frozen_bn_cuda_impl.h driving real launches on
+// the current stream.
 #include "frozen_bn_cuda_impl.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -24,10 +25,6 @@ class CudaLauncher {
 
   int64_t max_blocks(int threads_per_block) const {
     return static_cast<int64_t>(sm_count(device_index_)) * (2048 / threads_per_block);
-  }
-
-  int64_t max_int32_numel() const {
-    return kMaxInt32Numel;
   }
 
   template <typename K>
@@ -72,10 +69,36 @@ at::Tensor frozen_bn_backward_cuda(const at::Tensor& grad_output, const at::Tens
   return frozen_bn_backward(launcher, grad_output, scale);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_cuda(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    double eps,
+    int64_t activation,
+    bool save_preact) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  CudaLauncher launcher(input.device());
+  return frozen_bn_act_forward(launcher, input, residual, weight, bias, running_mean, running_var,
+                               eps, activation, save_preact);
+}
+
+std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& saved, const at::Tensor& scale,
+    int64_t activation, bool residual_grad) {
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  CudaLauncher launcher(grad_output.device());
+  return frozen_bn_act_backward(launcher, grad_output, saved, scale, activation, residual_grad);
+}
+
 }  // namespace
 }  // namespace frozennorm::cuda
 
 TORCH_LIBRARY_IMPL(frozennorm, CUDA, m) {
   m.impl("frozen_bn", &frozennorm::cuda::frozen_bn_cuda);
   m.impl("frozen_bn_backward", &frozennorm::cuda::frozen_bn_backward_cuda);
+  m.impl("frozen_bn_act", &frozennorm::cuda::frozen_bn_act_cuda);
+  m.impl("frozen_bn_act_backward", &frozennorm::cuda::frozen_bn_act_backward_cuda);
 }

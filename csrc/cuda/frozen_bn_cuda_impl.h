@@ -4,11 +4,11 @@
 //
 // A Launcher provides:
 //   int64_t max_blocks(int threads_per_block)   // blocks that fill the device once
-//   int64_t max_int32_numel()                   // largest numel indexed with 32 bits
 //   template <class K> void launch(Dim2 grid, Dim2 block, const K& kernel)
 #pragma once
 
 #include "../frozen_bn.h"
+#include "act_kernels.cuh"
 #include "affine_kernels.cuh"
 
 #include <ATen/Dispatch.h>
@@ -63,29 +63,6 @@ inline int pick_vec(int max_vec, int64_t elem_size, int64_t divisor,
   return vec;
 }
 
-// Calls f(std::integral_constant<int, V>{}) for V == vec, V a power of two <= kMax.
-template <int kMax, typename F>
-void dispatch_vec(int vec, F&& f) {
-  if constexpr (kMax > 1) {
-    if (vec == kMax) return f(std::integral_constant<int, kMax>{});
-    return dispatch_vec<kMax / 2>(vec, std::forward<F>(f));
-  } else {
-    return f(std::integral_constant<int, 1>{});
-  }
-}
-
-// Largest numel for which the grid-stride loops cannot overflow 32-bit indices.
-constexpr int64_t kMaxInt32Numel = std::numeric_limits<int32_t>::max() / 2;
-
-template <typename F>
-void dispatch_index(int64_t numel, int64_t max_int32_numel, F&& f) {
-  if (numel <= max_int32_numel) {
-    f(int32_t{});
-  } else {
-    f(int64_t{});
-  }
-}
-
 // Sizes/strides of a non-dense input and its dense output, outermost first, with size-1
 // dims dropped and neighbours merged where both tensors allow it. Returns false when more
 // than kMaxStridedDims dimensions remain.
@@ -119,6 +96,58 @@ inline bool strided_geometry(const at::Tensor& in, const at::Tensor& out, Stride
   return true;
 }
 
+// Writes every channel's scale when there are no elements to launch a kernel for.
+template <typename acc_t, typename Src, typename Launcher>
+void launch_scales_only(Launcher& L, const Src& src, acc_t* scale_out, int64_t C) {
+  if (scale_out == nullptr || C == 0) return;
+  using Op = AffineOp<float, acc_t, false>;  // no element is touched
+  L.launch({1, 1}, {kThreads, 1},
+           PlanesKernel<1, acc_t, Op, Src>{Op{nullptr, nullptr}, src, scale_out, 0, C, Divider(1), 0});
+}
+
+// Runs `op` once over dense data of `numel` elements (every pointer in `ptrs` with the same
+// strides) whose channel of flat offset k is (k / inner) % C, and writes every channel's
+// scale to `scale_out` when it is not null. One launch.
+template <typename scalar_t, typename acc_t, typename Op, typename Src, typename Launcher>
+void launch_dense(Launcher& L, const Op& op, const Src& src, acc_t* scale_out, int64_t numel,
+                  int64_t C, int64_t inner, std::initializer_list<const void*> ptrs) {
+  constexpr int kMaxVec = 16 / sizeof(scalar_t);
+  const int64_t max_blocks = L.max_blocks(kThreads);
+  // 128-bit vectors when every pointer is aligned (and, channels-last, C divides); else
+  // one element at a time (rare: offset views, odd channel counts).
+  const bool rows = inner == 1;
+  const bool wide = pick_vec(kMaxVec, sizeof(scalar_t), rows ? C : 1, ptrs) == kMaxVec;
+  auto run = [&](auto vec_tag) {
+    constexpr int VEC = decltype(vec_tag)::value;
+    if (rows) {
+      const int64_t groups = C / VEC;
+      const int64_t nrows = numel / C;
+      const uint32_t bx = static_cast<uint32_t>(std::min<int64_t>(pow2_ceil(groups), 32));
+      const uint32_t by = kThreads / bx;
+      const uint32_t gx = ceil_div(groups, bx);
+      const uint32_t gy = static_cast<uint32_t>(std::min<int64_t>(
+          {static_cast<int64_t>(ceil_div(nrows, by)), std::max<int64_t>(1, max_blocks / gx), 65535}));
+      L.launch({gx, gy}, {bx, by}, RowsKernel<VEC, acc_t, Op, Src>{op, src, scale_out, nrows, C});
+    } else {
+      const int64_t nvec = numel / VEC;
+      const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(nvec, kThreads), max_blocks));
+      const int64_t per_block = (nvec + blocks - 1) / blocks;
+      L.launch({static_cast<uint32_t>(blocks), 1}, {kThreads, 1},
+               PlanesKernel<VEC, acc_t, Op, Src>{op, src, scale_out, numel, C, Divider(inner), per_block});
+    }
+  };
+  if (wide) {
+    run(std::integral_constant<int, kMaxVec>{});
+  } else {
+    run(std::integral_constant<int, 1>{});
+  }
+}
+
+// In a dense tensor the channel of memory offset k is (k / stride(1)) % C.
+inline int64_t channel_period(const at::Tensor& t) {
+  return t.size(1) == 1 ? t.numel() : t.stride(1);
+}
+
 // out = op(in) with per-channel parameters from `src`; also writes every channel's scale to
 // `scale_out` when it is not null. `out` is empty_like(in). Exactly one launch, also for an
 // empty tensor when scales must be written.
@@ -126,70 +155,23 @@ template <typename scalar_t, typename acc_t, bool kShift, typename Src, typename
 void launch_affine(Launcher& L, const at::Tensor& in, const at::Tensor& out, const Src& src,
                    acc_t* scale_out, int64_t C) {
   using Op = AffineOp<scalar_t, acc_t, kShift>;
-  constexpr int kMaxVec = 16 / sizeof(scalar_t);
   const int64_t numel = in.numel();
-  const int64_t max_blocks = L.max_blocks(kThreads);
-  if (numel == 0) {
-    if (scale_out != nullptr && C > 0) {
-      L.launch({1, 1}, {kThreads, 1},
-               PlanesKernel<1, int64_t, acc_t, Op, Src>{
-                   Op{nullptr, nullptr}, src, scale_out, 0, C, Divider<int64_t>(1), 0});
-    }
-    return;
-  }
+  if (numel == 0) return launch_scales_only(L, src, scale_out, C);
   const Op op{in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>()};
-  const bool dense = in.is_non_overlapping_and_dense() && in.strides() == out.strides();
-  if (!dense) {
-    StridedGeometry geo;
-    if (!strided_geometry(in, out, geo)) {
-      // Only for > 8 non-mergeable dims: copy to a dense layout first (two launches).
-      launch_affine<scalar_t, acc_t, kShift>(L, in.contiguous(), out, src, scale_out, C);
-      return;
-    }
-    const uint32_t blocks = static_cast<uint32_t>(std::min<int64_t>(ceil_div(numel, kThreads), max_blocks));
-    L.launch({blocks, 1}, {kThreads, 1},
-             StridedKernel<scalar_t, acc_t, kShift, Src>{
-                 in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), src, scale_out, geo, numel, C});
+  if (is_dense_like(in, out)) {
+    return launch_dense<scalar_t>(L, op, src, scale_out, numel, C, channel_period(in), {op.in, op.out});
+  }
+  StridedGeometry geo;
+  if (!strided_geometry(in, out, geo)) {
+    // Only for > 8 non-mergeable dims: copy to a dense layout first (two launches).
+    launch_affine<scalar_t, acc_t, kShift>(L, in.contiguous(), out, src, scale_out, C);
     return;
   }
-  // In a dense tensor the channel of memory offset k is (k / stride(1)) % C.
-  const int64_t inner = C == 1 ? numel : in.stride(1);
-  dispatch_index(numel, L.max_int32_numel(), [&](auto index_tag) {
-    using index_t = decltype(index_tag);
-    if (inner == 1) {
-      const int vec = pick_vec(kMaxVec, sizeof(scalar_t), C, {op.in, op.out});
-      dispatch_vec<kMaxVec>(vec, [&](auto vec_tag) {
-        constexpr int VEC = decltype(vec_tag)::value;
-        const int64_t groups = C / VEC;
-        const int64_t rows = numel / C;
-        const uint32_t bx = static_cast<uint32_t>(std::min<int64_t>(pow2_ceil(groups), 32));
-        const uint32_t by = kThreads / bx;
-        const uint32_t gx = ceil_div(groups, bx);
-        const uint32_t gy = static_cast<uint32_t>(std::min<int64_t>(
-            {static_cast<int64_t>(ceil_div(rows, by)), std::max<int64_t>(1, max_blocks / gx), 65535}));
-        L.launch({gx, gy}, {bx, by},
-                 RowsKernel<VEC, index_t, acc_t, Op, Src>{
-                     op, src, scale_out, static_cast<index_t>(rows), static_cast<index_t>(C)});
-      });
-    } else {
-      const int vec = pick_vec(kMaxVec, sizeof(scalar_t), 1, {op.in, op.out});
-      auto run = [&](auto vec_tag) {
-        constexpr int VEC = decltype(vec_tag)::value;
-        const int64_t nvec = numel / VEC;
-        const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(nvec, kThreads), max_blocks));
-        const int64_t per_block = (nvec + blocks - 1) / blocks;
-        L.launch({static_cast<uint32_t>(blocks), 1}, {kThreads, 1},
-                 PlanesKernel<VEC, index_t, acc_t, Op, Src>{
-                     op, src, scale_out, static_cast<index_t>(numel), static_cast<index_t>(C),
-                     Divider<index_t>(static_cast<index_t>(inner)), static_cast<index_t>(per_block)});
-      };
-      if (vec == kMaxVec) {
-        run(std::integral_constant<int, kMaxVec>{});
-      } else {
-        run(std::integral_constant<int, 1>{});
-      }
-    }
-  });
+  const uint32_t blocks = static_cast<uint32_t>(
+      std::min<int64_t>(ceil_div(numel, kThreads), L.max_blocks(kThreads)));
+  L.launch({blocks, 1}, {kThreads, 1},
+           StridedKernel<scalar_t, acc_t, kShift, Src>{
+               in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), src, scale_out, geo, numel, C});
 }
 
 // Calls f(acc_t{}) with the compute type compute_dtype() chose for scalar_t data.
@@ -206,6 +188,17 @@ void dispatch_acc(at::ScalarType acc, F&& f) {
   } else {
     f(float{});
   }
+}
+
+template <typename acc_t>
+StatsSource<acc_t> stats_source(const Stats& s, double eps) {
+  return StatsSource<acc_t>{
+      s.weight.defined() ? s.weight.const_data_ptr() : nullptr,
+      s.bias.defined() ? s.bias.const_data_ptr() : nullptr,
+      s.mean.const_data_ptr(),
+      s.var.const_data_ptr(),
+      stat_type(s.mean.scalar_type()),
+      static_cast<acc_t>(eps)};
 }
 
 template <typename Launcher>
@@ -225,14 +218,8 @@ std::tuple<at::Tensor, at::Tensor> frozen_bn_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "frozen_bn_cuda", [&] {
     dispatch_acc<scalar_t>(acc, [&](auto acc_tag) {
       using acc_t = decltype(acc_tag);
-      const StatsSource<acc_t> src{
-          s.weight.defined() ? s.weight.const_data_ptr() : nullptr,
-          s.bias.defined() ? s.bias.const_data_ptr() : nullptr,
-          s.mean.const_data_ptr(),
-          s.var.const_data_ptr(),
-          stat_type(s.mean.scalar_type()),
-          static_cast<acc_t>(eps)};
-      launch_affine<scalar_t, acc_t, true>(L, input, out, src, scale.mutable_data_ptr<acc_t>(), C);
+      launch_affine<scalar_t, acc_t, true>(L, input, out, stats_source<acc_t>(s, eps),
+                                           scale.mutable_data_ptr<acc_t>(), C);
     });
   });
   return {out, scale};
@@ -253,6 +240,112 @@ at::Tensor frozen_bn_backward(Launcher& L, const at::Tensor& grad_output, const 
     });
   });
   return grad_input;
+}
+
+// Calls f(std::integral_constant<Activation, A>{}) for relu, relu6 and silu.
+template <typename F>
+void dispatch_nonlinear_act(int64_t activation, F&& f) {
+  switch (static_cast<Activation>(activation)) {
+    case Activation::kReLU:
+      return f(std::integral_constant<Activation, Activation::kReLU>{});
+    case Activation::kReLU6:
+      return f(std::integral_constant<Activation, Activation::kReLU6>{});
+    case Activation::kSiLU:
+      return f(std::integral_constant<Activation, Activation::kSiLU>{});
+    default:
+      TORCH_INTERNAL_ASSERT(false, "not a nonlinear activation: ", activation);
+  }
+}
+
+template <typename Launcher>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_forward(
+    Launcher& L,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    double eps,
+    int64_t activation,
+    bool save_preact) {
+  const Stats s = check_forward_args(input, weight, bias, running_mean, running_var);
+  check_act_args(input, residual, activation);
+  const bool has_residual = residual.has_value() && residual->defined();
+  const bool identity = activation == static_cast<int64_t>(Activation::kIdentity);
+  if (identity && !has_residual) {
+    auto [out, scale] = frozen_bn_forward(L, input, weight, bias, running_mean, running_var, eps);
+    return {out, scale, at::empty({0}, out.options())};
+  }
+  const at::ScalarType acc = compute_dtype(input.scalar_type(), s.mean.scalar_type());
+  const int64_t C = input.size(1);
+  // The fused kernels need dense data, the residual in the same layout (normally free).
+  const at::Tensor x = dense(input);
+  const at::Tensor res = has_residual ? in_layout_of(*residual, x) : at::Tensor();
+  const bool keep = save_preact && activation == static_cast<int64_t>(Activation::kSiLU);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor preact = keep ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor scale = at::empty({C}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frozen_bn_act_cuda", [&] {
+    dispatch_acc<scalar_t>(acc, [&](auto acc_tag) {
+      using acc_t = decltype(acc_tag);
+      const auto src = stats_source<acc_t>(s, eps);
+      acc_t* scale_out = scale.mutable_data_ptr<acc_t>();
+      if (x.numel() == 0) return launch_scales_only(L, src, scale_out, C);
+      const scalar_t* in = x.const_data_ptr<scalar_t>();
+      const scalar_t* r = has_residual ? res.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      scalar_t* e = keep ? preact.mutable_data_ptr<scalar_t>() : nullptr;
+      auto run = [&](auto act_tag) {
+        using Op = ActForwardOp<scalar_t, acc_t, decltype(act_tag)::value>;
+        launch_dense<scalar_t>(L, Op{in, r, o, e}, src, scale_out, x.numel(), C, channel_period(x),
+                               {in, r, o, e});
+      };
+      if (identity) return run(std::integral_constant<Activation, Activation::kIdentity>{});
+      dispatch_nonlinear_act(activation, run);
+    });
+  });
+  return {out, scale, preact};
+}
+
+template <typename Launcher>
+std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward(
+    Launcher& L,
+    const at::Tensor& grad_output,
+    const at::Tensor& saved,
+    const at::Tensor& scale,
+    int64_t activation,
+    bool residual_grad) {
+  check_act_backward_args(grad_output, saved, scale, activation);
+  if (activation == static_cast<int64_t>(Activation::kIdentity)) {
+    // the residual's gradient is grad_output itself
+    return {frozen_bn_backward(L, grad_output, scale),
+            residual_grad ? grad_output.clone() : at::empty({0}, grad_output.options())};
+  }
+  const at::ScalarType acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
+  // Everything in the layout of the saved tensor (the forward's output or pre-activation).
+  const at::Tensor sv = dense(saved);
+  const at::Tensor g = in_layout_of(grad_output, sv);
+  const at::Tensor scale_acc = scale.to(acc).contiguous();
+  at::Tensor grad_input = at::empty_like(sv);
+  at::Tensor grad_residual = residual_grad ? at::empty_like(sv) : at::empty({0}, sv.options());
+  if (g.numel() == 0) return {grad_input, grad_residual};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "frozen_bn_act_backward_cuda", [&] {
+    dispatch_acc<scalar_t>(acc, [&](auto acc_tag) {
+      using acc_t = decltype(acc_tag);
+      const ScaleSource<acc_t> src{scale_acc.const_data_ptr<acc_t>()};
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const scalar_t* sp = sv.const_data_ptr<scalar_t>();
+      scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+      scalar_t* gr = residual_grad ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+      dispatch_nonlinear_act(activation, [&](auto act_tag) {
+        using Op = ActBackwardOp<scalar_t, acc_t, decltype(act_tag)::value>;
+        launch_dense<scalar_t>(L, Op{gp, sp, gi, gr}, src, static_cast<acc_t*>(nullptr), g.numel(),
+                               g.size(1), channel_period(g), {gp, sp, gi, gr});
+      });
+    });
+  });
+  return {grad_input, grad_residual};
 }
 
 }  // namespace frozennorm::cuda

@@ -11,7 +11,6 @@ namespace {
 
 struct EmulationSettings {
   int64_t sms = 2;                         // a small "device", so grid-stride loops wrap
-  int64_t max_int32_numel = kMaxInt32Numel;  // 0 forces the 64-bit index paths
   int64_t launches = 0;                    // kernel launches since the last reset
 };
 
@@ -23,9 +22,6 @@ EmulationSettings& settings() {
 struct EmulatedLauncher {
   int64_t max_blocks(int threads_per_block) const {
     return settings().sms * (2048 / threads_per_block);
-  }
-  int64_t max_int32_numel() const {
-    return settings().max_int32_numel;
   }
   template <typename K>
   void launch(Dim2 grid, Dim2 block, const K& kernel) {
@@ -60,21 +56,37 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& scale) {
   return frozen_bn_backward(launcher, grad_output, scale);
 }
 
-int64_t configure(int64_t sms, int64_t max_int32_numel) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emu_act_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+    int64_t activation, bool save_preact) {
+  EmulatedLauncher launcher;
+  return frozen_bn_act_forward(launcher, input, residual, weight, bias, running_mean, running_var,
+                               eps, activation, save_preact);
+}
+
+std::tuple<at::Tensor, at::Tensor> emu_act_backward(const at::Tensor& grad_output,
+                                                const at::Tensor& saved, const at::Tensor& scale,
+                                                int64_t activation, bool residual_grad) {
+  EmulatedLauncher launcher;
+  return frozen_bn_act_backward(launcher, grad_output, saved, scale, activation, residual_grad);
+}
+
+int64_t configure(int64_t sms) {
   settings().sms = sms;
-  settings().max_int32_numel = max_int32_numel;
   const int64_t launches = settings().launches;
   settings().launches = 0;
   return launches;
 }
 
-// Number of n in [0, n_max) (and near 2^30) where Divider<int32_t> disagrees with `/`.
-int64_t divider_mismatches(int64_t divisor, int64_t n_max) {
-  const Divider<int32_t> d(static_cast<int32_t>(divisor));
+// Number of n in [0, n_max) and [n_high - n_max, n_high] where Divider disagrees with `/`.
+int64_t divider_mismatches(int64_t divisor, int64_t n_max, int64_t n_high) {
+  const Divider d(divisor);
   int64_t bad = 0;
-  auto check = [&](int64_t n) { bad += d.div(static_cast<int32_t>(n)) != n / divisor; };
+  auto check = [&](int64_t n) { bad += d.div(n) != n / divisor; };
   for (int64_t n = 0; n < n_max; ++n) check(n);
-  for (int64_t n = kMaxInt32Numel - n_max; n <= kMaxInt32Numel; ++n) check(n);
+  for (int64_t n = n_high - n_max; n <= n_high; ++n) check(n);
   return bad;
 }
 
@@ -86,15 +98,24 @@ TORCH_LIBRARY(frozennorm_emu, m) {
       "frozen_bn(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
       "Tensor running_var, float eps) -> (Tensor, Tensor)");
   m.def("frozen_bn_backward(Tensor grad_output, Tensor scale) -> Tensor");
-  // Sets the emulated SM count and 32-bit index limit; returns (and resets) the number of
-  // kernel launches since the previous call.
-  m.def("configure(int sms, int max_int32_numel) -> int");
-  m.def("divider_mismatches(int divisor, int n_max) -> int");
+  m.def(
+      "frozen_bn_act(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
+      "Tensor running_mean, Tensor running_var, float eps, int activation, bool save_preact) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "frozen_bn_act_backward(Tensor grad_output, Tensor saved, Tensor scale, int activation, "
+      "bool residual_grad) -> (Tensor, Tensor)");
+  // Sets the emulated SM count; returns (and resets) the number of kernel launches since the
+  // previous call.
+  m.def("configure(int sms) -> int");
+  m.def("divider_mismatches(int divisor, int n_max, int n_high) -> int");
 }
 
 TORCH_LIBRARY_IMPL(frozennorm_emu, CPU, m) {
   m.impl("frozen_bn", &frozennorm::cuda::forward);
   m.impl("frozen_bn_backward", &frozennorm::cuda::backward);
+  m.impl("frozen_bn_act", &frozennorm::cuda::emu_act_forward);
+  m.impl("frozen_bn_act_backward", &frozennorm::cuda::emu_act_backward);
 }
 
 TORCH_LIBRARY_IMPL(frozennorm_emu, CatchAll, m) {

@@ -1,4 +1,4 @@
-// Baseline build of the CPU loops: the compiler's default target.
+// Baseline build of the CPU loops of the frozen affine map: the compiler's default target.
 #define CPU_CAPABILITY DEFAULT
 #include "affine_kernel.h"
 

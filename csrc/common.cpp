@@ -1,5 +1,7 @@
-// Argument checks shared by every backend of the frozennorm ops.
+// Argument checks and layout helpers shared by every backend of the frozennorm ops.
 #include "frozen_bn.h"
+
+#include <ATen/ops/empty_like.h>
 
 namespace frozennorm {
 
@@ -84,6 +86,48 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale)
       scale.dim() == 1 && scale.size(0) == grad_output.size(1), op,
       ": scale must be a 1-D tensor with one value per channel (", grad_output.size(1),
       " channels), got shape ", scale.sizes());
+}
+
+void check_act_args(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                    int64_t activation) {
+  constexpr const char* op = "frozen_bn_act";
+  TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(Activation::kSiLU), op,
+              ": activation must be 0 (identity), 1 (relu), 2 (relu6) or 3 (silu), got ",
+              activation);
+  if (!residual.has_value() || !residual->defined()) return;
+  const at::Tensor& r = *residual;
+  TORCH_CHECK(r.device() == input.device(), op, ": residual is on ", r.device(),
+              " but the input is on ", input.device());
+  TORCH_CHECK(r.scalar_type() == input.scalar_type(), op, ": residual must have the input's dtype ",
+              input.scalar_type(), ", got ", r.scalar_type());
+  TORCH_CHECK(r.sizes() == input.sizes(), op, ": residual must have the input's shape ",
+              input.sizes(), ", got ", r.sizes());
+}
+
+void check_act_backward_args(const at::Tensor& grad_output, const at::Tensor& saved,
+                             const at::Tensor& scale, int64_t activation) {
+  constexpr const char* op = "frozen_bn_act_backward";
+  check_backward_args(grad_output, scale);
+  TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(Activation::kSiLU), op,
+              ": activation must be 0..3, got ", activation);
+  if (activation == static_cast<int64_t>(Activation::kIdentity)) return;
+  TORCH_CHECK(saved.device() == grad_output.device() && saved.scalar_type() == grad_output.scalar_type() &&
+                  saved.sizes() == grad_output.sizes(),
+              op, ": saved must be the forward's output (ReLU/ReLU6) or pre-activation (SiLU), "
+              "with grad_output's shape, dtype and device; got ", saved.sizes(), " ", saved.scalar_type(),
+              " on ", saved.device());
+}
+
+bool is_dense_like(const at::Tensor& t, const at::Tensor& like) {
+  return t.is_non_overlapping_and_dense() && t.strides() == like.strides();
+}
+
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  return is_dense_like(t, like) ? t : at::empty_like(like).copy_(t);
+}
+
+at::Tensor dense(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
 }
 
 std::vector<int64_t> channel_shape(const at::Tensor& input) {

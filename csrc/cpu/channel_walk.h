@@ -1,0 +1,291 @@
+// The vector plumbing and the channel walk shared by the CPU loops, compiled once per CPU
+// capability (the including .cpp defines CPU_CAPABILITY, the namespace of its vector code).
+//
+// A dense tensor is walked as its flat memory in runs: a run of one channel (the rest of an
+// NCHW-like plane: parameters broadcast) or of consecutive channels (the rest of a
+// channels-last row: parameters loaded as vectors). Planes shorter than kSmallPlane are
+// walked as one flat stream of full vectors whose lane groups blend the parameters of the
+// two channels they span, so short planes pay no per-plane remainder. An Op supplies
+//   template <bool kStream> void step(int64_t k, const V* mean, const V* scale, const V* shift)
+//     — Traits::kStep elements at flat offset k, parameters as Traits::kParts vectors;
+//   void scalar(int64_t k, acc_t mean, acc_t scale, acc_t shift)
+//   bool aligned(int64_t k)   — may outputs at k take aligned (non-temporal) stores?
+#pragma once
+
+#include "kernel_problem.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#ifndef CPU_CAPABILITY
+#error "channel_walk.h needs CPU_CAPABILITY (the namespace of this build's vector code)"
+#endif
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace frozennorm::cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kStreamAlign = 32;
+constexpr int64_t kSmallPlane = 256;
+
+// a * b + c, rounded once where the build has FMA (as the vector path's fmadd is).
+template <typename T>
+inline T fma_scalar(T a, T b, T c) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Non-temporal store of one 32-byte vector to a 32-byte aligned address.
+#if defined(CPU_CAPABILITY_AVX2)
+inline void stream_store(float* p, const Vectorized<float>& v) {
+  _mm256_stream_ps(p, v);
+}
+inline void stream_store(double* p, const Vectorized<double>& v) {
+  _mm256_stream_pd(p, v);
+}
+template <typename T>  // float16 / bfloat16
+inline void stream_store(T* p, const Vectorized<T>& v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+}
+inline void stream_fence() {
+  _mm_sfence();
+}
+#else
+template <typename T, typename V>
+inline void stream_store(T* p, const V& v) {
+  v.store(p);
+}
+inline void stream_fence() {}
+#endif
+
+// kStep elements of scalar_t as kParts vectors of acc_t (kVectorized == false: scalar only).
+template <typename scalar_t, typename acc_t, typename = void>
+struct VecIO {
+  static constexpr bool kVectorized = false;
+  using AccVec = Vectorized<acc_t>;
+  static constexpr int64_t kStep = 1;
+  static constexpr int kParts = 1;
+};
+
+template <typename T>
+struct VecIO<T, T, std::enable_if_t<std::is_same_v<T, float> || std::is_same_v<T, double>>> {
+  static constexpr bool kVectorized = true;
+  using AccVec = Vectorized<T>;
+  static constexpr int64_t kStep = AccVec::size();
+  static constexpr int kParts = 1;
+  static void load(const T* p, AccVec* out) {
+    out[0] = AccVec::loadu(p);
+  }
+  template <bool kStream>
+  static void store(T* p, const AccVec* in) {
+    if constexpr (kStream) {
+      stream_store(p, in[0]);
+    } else {
+      in[0].store(p);
+    }
+  }
+  static void round(AccVec*) {}  // already the data dtype
+};
+
+template <typename T>
+struct VecIO<
+    T,
+    float,
+    std::enable_if_t<std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>>> {
+  static constexpr bool kVectorized = true;
+  using AccVec = Vectorized<float>;
+  static constexpr int64_t kStep = Vectorized<T>::size();
+  static constexpr int kParts = kStep / AccVec::size();
+  static_assert(kParts == 2, "a reduced-precision vector converts to two float vectors");
+  static void load(const T* p, AccVec* out) {
+    std::tie(out[0], out[1]) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+  }
+  template <bool kStream>
+  static void store(T* p, const AccVec* in) {
+    const auto v = at::vec::convert_from_float<T>(in[0], in[1]);
+    if constexpr (kStream) {
+      stream_store(p, v);
+    } else {
+      v.store(p);
+    }
+  }
+  // Rounds to T and back: the value the unfused op would have stored.
+  static void round(AccVec* v) {
+    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
+  }
+};
+
+// The value a scalar_t holding `v` has, in acc_t.
+template <typename scalar_t, typename acc_t>
+inline acc_t round_to(acc_t v) {
+  return static_cast<acc_t>(static_cast<scalar_t>(v));
+}
+
+// Walks one run [k, k + n): kContig — element k + j has channel c + j; otherwise all have c.
+template <bool kContig, bool kStream, typename Op>
+void walk_run(const Op& op, int64_t k, int64_t n, int64_t c, const typename Op::acc_t* mean,
+              const typename Op::acc_t* scale, const typename Op::acc_t* shift) {
+  using acc_t = typename Op::acc_t;
+  using IO = typename Op::IO;
+  auto param = [](const acc_t* p, int64_t i) { return p != nullptr ? p[i] : acc_t(0); };
+  auto scalar = [&](int64_t j) {
+    const int64_t ch = kContig ? c + j : c;
+    op.scalar(k + j, param(mean, ch), scale[ch], param(shift, ch));
+  };
+  int64_t j = 0;
+  if constexpr (IO::kVectorized) {
+    using V = typename IO::AccVec;
+    constexpr int64_t kLanes = V::size();
+    if constexpr (kStream) {  // scalar until the outputs are aligned for streaming stores
+      while (j < n && !op.aligned(k + j)) scalar(j++);
+    }
+    const V bm(param(mean, c)), bs(scale[c]), bb(param(shift, c));
+    V m[IO::kParts], s[IO::kParts], b[IO::kParts];
+    for (int part = 0; part < IO::kParts; ++part) {
+      m[part] = bm;
+      s[part] = bs;
+      b[part] = bb;
+    }
+    for (; j + IO::kStep <= n; j += IO::kStep) {
+      if constexpr (kContig) {
+        for (int part = 0; part < IO::kParts; ++part) {
+          const int64_t ch = c + j + part * kLanes;
+          s[part] = V::loadu(scale + ch);
+          if (mean != nullptr) m[part] = V::loadu(mean + ch);
+          if (shift != nullptr) b[part] = V::loadu(shift + ch);
+        }
+      }
+      op.template step<kStream>(k + j, m, s, b);
+    }
+  }
+  for (; j < n; ++j) scalar(j);
+}
+
+// Walks [k, k + n) over consecutive short planes (V::size() <= inner < kSmallPlane) as full
+// vectors, starting in channel c at position pos of its plane; a lane group spans at most
+// two planes, whose parameters are blended.
+template <bool kStream, typename Op>
+void walk_small_planes(const Op& op, int64_t k, int64_t n, int64_t c, int64_t pos, int64_t inner,
+                       int64_t C, const typename Op::acc_t* mean, const typename Op::acc_t* scale,
+                       const typename Op::acc_t* shift) {
+  using acc_t = typename Op::acc_t;
+  using IO = typename Op::IO;
+  using V = typename IO::AccVec;
+  constexpr int64_t kLanes = V::size();
+  auto param = [](const acc_t* p, int64_t i) { return p != nullptr ? p[i] : acc_t(0); };
+  auto next = [C](int64_t ch) { return ch + 1 == C ? int64_t{0} : ch + 1; };
+  int64_t j = 0;
+  auto scalar = [&] {
+    op.scalar(k + j, param(mean, c), scale[c], param(shift, c));
+    ++j;
+    if (++pos == inner) {
+      pos = 0;
+      c = next(c);
+    }
+  };
+  while (j < n && !op.aligned(k + j)) scalar();
+  V m[IO::kParts], s[IO::kParts], b[IO::kParts];
+  for (; j + IO::kStep <= n; j += IO::kStep) {
+    for (int part = 0; part < IO::kParts; ++part) {
+      const int64_t first = inner - pos;  // lanes [0, first) are in channel c
+      if (first > kLanes) {
+        m[part] = V(param(mean, c));
+        s[part] = V(scale[c]);
+        b[part] = V(param(shift, c));
+        pos += kLanes;
+      } else {
+        const int64_t c2 = next(c);
+        m[part] = V::set(V(param(mean, c2)), V(param(mean, c)), first);
+        s[part] = V::set(V(scale[c2]), V(scale[c]), first);
+        b[part] = V::set(V(param(shift, c2)), V(param(shift, c)), first);
+        pos = kLanes - first;
+        c = c2;
+        if (pos == inner) {  // only when inner == kLanes: the group ended with plane c2
+          pos = 0;
+          c = next(c);
+        }
+      }
+    }
+    op.template step<kStream>(k + j, m, s, b);
+  }
+  while (j < n) scalar();
+}
+
+// Runs `op` over a DenseProblem's flat range, in parallel.
+template <typename Op>
+void walk_dense(const DenseProblem& p, const Op& op) {
+  using acc_t = typename Op::acc_t;
+  using IO = typename Op::IO;
+  const auto* mean = static_cast<const acc_t*>(p.mean);
+  const auto* scale = static_cast<const acc_t*>(p.scale);
+  const auto* shift = static_cast<const acc_t*>(p.shift);
+  const int64_t C = p.C, inner = p.inner;
+  at::parallel_for(0, p.numel, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    const int64_t q = begin / inner;
+    int64_t c = inner == 1 ? begin % C : q % C;
+    int64_t pos = inner == 1 ? 0 : begin - q * inner;  // position in the current plane
+    if constexpr (IO::kVectorized) {
+      if (inner >= IO::AccVec::size() && inner < kSmallPlane) {
+        p.stream ? walk_small_planes<true>(op, begin, end - begin, c, pos, inner, C, mean, scale, shift)
+                 : walk_small_planes<false>(op, begin, end - begin, c, pos, inner, C, mean, scale, shift);
+        if (p.stream) stream_fence();
+        return;
+      }
+    }
+    for (int64_t k = begin; k < end;) {
+      // a run is the rest of a row of C channels (inner == 1) or of a plane of one channel
+      const int64_t len = inner == 1 ? std::min(C - c, end - k) : std::min(inner - pos, end - k);
+      const bool stream = p.stream && len >= 8 * kStreamAlign;
+      if (inner == 1) {
+        stream ? walk_run<true, true>(op, k, len, c, mean, scale, shift)
+               : walk_run<true, false>(op, k, len, c, mean, scale, shift);
+        c = 0;
+      } else {
+        stream ? walk_run<false, true>(op, k, len, c, mean, scale, shift)
+               : walk_run<false, false>(op, k, len, c, mean, scale, shift);
+        pos = 0;
+        c = c + 1 == C ? 0 : c + 1;
+      }
+      k += len;
+    }
+    if (p.stream) stream_fence();
+  });
+}
+
+template <typename T>
+inline bool aligned_at(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0;
+}
+
+// Calls f(scalar_t{}, acc_t{}) for the data dtype and the compute dtype compute_dtype()
+// chose for it (float64 only for float64 data, or float32 data with float64 statistics).
+template <typename F>
+void dispatch_types(at::ScalarType data, at::ScalarType acc, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, data, "frozen_bn_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      f(double{}, double{});
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      acc == at::kDouble ? f(float{}, double{}) : f(float{}, float{});
+    } else {
+      f(scalar_t{}, float{});
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace frozennorm::cpu

@@ -1,0 +1,165 @@
+"""The fused epilogue op frozen_bn_act: equal to frozen_bn -> (+ residual) -> activation."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import device_params
+from oracle import DTYPES, make_layout, make_sample
+
+import frozennorm
+from frozennorm import ACTIVATIONS, frozen_batch_norm, frozen_batch_norm_act
+
+frozen_bn_act = torch.ops.frozennorm.frozen_bn_act
+frozen_bn_act_backward = torch.ops.frozennorm.frozen_bn_act_backward
+ACT_FN = {"identity": lambda t: t, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu}
+
+
+def unfused(s, activation, residual):
+    y = frozen_batch_norm(s.x, s.mean, s.var, s.weight, s.bias, s.eps)
+    if residual is not None:
+        y = y + residual
+    return ACT_FN[activation](y)
+
+
+def check_case(s, activation, with_residual, check_grad=True):
+    residual = None
+    if with_residual:
+        g = torch.Generator().manual_seed(1)
+        residual = torch.randn(s.x.shape, generator=g).to(s.x.dtype).to(s.x.device)
+        residual = make_layout(residual, "contiguous")
+    x = s.x.detach().requires_grad_()
+    r = residual.detach().requires_grad_() if residual is not None else None
+    y = frozen_batch_norm_act(x, s.mean, s.var, s.weight, s.bias, s.eps, activation, r)
+    x2 = s.x.detach().requires_grad_()
+    r2 = residual.detach().requires_grad_() if residual is not None else None
+    s2 = type(s)(x2, s.weight, s.bias, s.mean, s.var, s.eps)
+    ref = unfused(s2, activation, r2)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    if activation == "silu":  # exp may differ by an ulp between implementations
+        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 2e-6, torch.float64: 1e-12}[y.dtype]
+        torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    else:
+        assert torch.equal(y, ref), (y - ref).abs().max()
+    if not check_grad or y.numel() == 0:
+        return
+    g = torch.randn(y.shape, dtype=torch.float64).to(y.dtype).to(y.device)
+    y.backward(g)
+    ref.backward(g)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5, torch.float64: 1e-12}[y.dtype]
+    torch.testing.assert_close(x.grad, x2.grad, rtol=tol, atol=tol)
+    if r is not None:
+        torch.testing.assert_close(r.grad, r2.grad, rtol=tol, atol=tol)
+    if activation != "silu":
+        assert torch.equal(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_matches_unfused_sequence(device, dtype, activation, with_residual, layout):
+    s = make_sample([2, 8, 5, 7], dtype, layout, seed=4, device=device)
+    check_case(s, activation, with_residual)
+
+
+@pytest.mark.parametrize("device", device_params())
+@given(data=st.data())
+def test_matches_unfused_sequence_property(device, data):
+    shape = [data.draw(st.integers(0, 3)), data.draw(st.integers(1, 40))] + [
+        data.draw(st.integers(1, 9)) for _ in range(data.draw(st.integers(0, 3)))]
+    s = make_sample(shape, data.draw(st.sampled_from(DTYPES)),
+                    data.draw(st.sampled_from(["contiguous", "channels_last", "permuted"])),
+                    data.draw(st.sampled_from(["typical", "mean_gg_std", "tiny_var"])),
+                    affine=data.draw(st.booleans()), device=device, seed=data.draw(st.integers(0, 999)))
+    check_case(s, data.draw(st.sampled_from(sorted(ACTIVATIONS))), data.draw(st.booleans()))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("activation,expected", [("identity", 1), ("relu", 2), ("relu6", 2), ("silu", 2)])
+def test_saves_what_the_unfused_sequence_saves(device, activation, expected):
+    """scale + output (ReLU/ReLU6) or pre-activation (SiLU); never input and output both."""
+    s = make_sample([2, 16, 8, 8], torch.float32, device=device)
+    x = s.x.detach().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = frozen_batch_norm_act(x, s.mean, s.var, s.weight, s.bias, s.eps, activation,
+                                  torch.randn_like(x))
+    big = [t for t in saved if t is not None and t.numel() == x.numel()]
+    small = [t for t in saved if t is not None and t.numel() == x.shape[1]]
+    assert len(small) == 1 and len(big) == expected - 1
+    for t in big:
+        assert t.data_ptr() != x.data_ptr()
+        if activation in ("relu", "relu6"):
+            assert t.data_ptr() == y.data_ptr()  # the output itself
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck_act(device):
+    for i, (shape, dtype, layout) in enumerate([([2, 3, 5, 7], torch.float32, "contiguous"),
+                                               ([2, 8, 4, 4], torch.float16, "channels_last"),
+                                               ([0, 3, 4], torch.float32, "contiguous")]):
+        s = make_sample(shape, dtype, layout, seed=i, device=device)
+        r = torch.randn_like(s.x)
+        for act in range(4):
+            for res in (None, r):
+                for grad in (False, True):
+                    x = s.x.detach().requires_grad_(grad)
+                    rr = res.detach().requires_grad_(grad) if res is not None else None
+                    args = (x, rr, s.weight, s.bias, s.mean, s.var, s.eps, act, act == 3)
+                    torch.library.opcheck(frozen_bn_act.default, args)
+                y, scale, pre = frozen_bn_act(s.x, res, s.weight, s.bias, s.mean, s.var, s.eps, act, True)
+                if act:
+                    saved = pre if act == 3 else y
+                    torch.library.opcheck(frozen_bn_act_backward.default,
+                                          (torch.randn_like(y), saved, scale, act, res is not None))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_module_and_compile(device):
+    bn = torch.nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    fused = frozennorm.FusedFrozenBatchNorm.from_frozen(
+        frozennorm.FrozenBatchNorm2d.from_batchnorm(bn), "relu").to(device)
+    assert "activation=relu" in repr(fused)
+    assert set(fused.state_dict()) == {"weight", "bias", "running_mean", "running_var"}
+    x = torch.randn(2, 8, 5, 5, device=device)
+    r = torch.randn_like(x)
+    ref = torch.relu(bn.to(device).eval()(x) + r)
+    torch.testing.assert_close(fused(x, r), ref)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, r), ref)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        fused(x[0])
+
+
+class TestActErrors:
+    def test_bad_activation(self):
+        s = make_sample([2, 3, 4], torch.float32)
+        with pytest.raises(ValueError, match="activation must be one of"):
+            frozen_batch_norm_act(s.x, s.mean, s.var, activation="gelu")
+        with pytest.raises(RuntimeError, match="activation must be 0"):
+            frozen_bn_act(s.x, None, None, None, s.mean, s.var, 1e-5, 7, False)
+
+    def test_residual_mismatch(self):
+        s = make_sample([2, 3, 4], torch.float32)
+        with pytest.raises(RuntimeError, match="residual must have the input's shape"):
+            frozen_batch_norm_act(s.x, s.mean, s.var, residual=torch.randn(2, 3, 5))
+        with pytest.raises(RuntimeError, match="residual must have the input's dtype"):
+            frozen_batch_norm_act(s.x, s.mean, s.var, residual=torch.randn(2, 3, 4).double())
+
+    def test_statistics_gradients_are_refused(self):
+        s = make_sample([2, 3, 4], torch.float32)
+        with pytest.raises(RuntimeError, match="differentiates the input and the residual only"):
+            frozen_batch_norm_act(s.x, s.mean, s.var.requires_grad_(), activation="relu")
+
+    def test_double_backward_is_a_clear_error(self):
+        s = make_sample([2, 3, 4], torch.float64)
+        x = s.x.detach().requires_grad_()
+        y = frozen_batch_norm_act(x, s.mean, s.var, activation="silu")
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(y.sum(), x, create_graph=True)
