@@ -141,8 +141,14 @@ class FrozenBatchNorm(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)
         version = local_metadata.get("version", None)
         mean_key, var_key = prefix + "running_mean", prefix + "running_var"
+        weight_key, bias_key = prefix + "weight", prefix + "bias"
+        if (mean_key in state_dict and weight_key not in state_dict
+                and bias_key not in state_dict):
+            # an nn.BatchNorm*d(affine=False) checkpoint: it normalised with weight 1, bias 0
+            state_dict[weight_key] = torch.ones_like(self.weight)
+            state_dict[bias_key] = torch.zeros_like(self.bias)
         if ((version is None or version < 2) and mean_key not in state_dict
-                and var_key not in state_dict and prefix + "weight" in state_dict):
+                and var_key not in state_dict and weight_key in state_dict):
             # detectron2 checkpoints converted from Caffe2 hold only weight and bias, with
             # the statistics already folded in: the identity statistics keep them exact.
             state_dict[mean_key] = torch.zeros_like(self.running_mean)

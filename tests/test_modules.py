@@ -100,6 +100,15 @@ def test_loads_batchnorm_checkpoint_strict(frozen_cls, bn_cls, shape):
     model_frozen.load_state_dict(model_bn.state_dict(), strict=True)
 
 
+def test_loads_affine_false_batchnorm_checkpoint_strict():
+    bn = random_bn(nn.BatchNorm2d, affine=False)
+    m = FrozenBatchNorm2d(6, eps=bn.eps)
+    m.load_state_dict(bn.state_dict(), strict=True)
+    assert torch.equal(m.weight, torch.ones(6)) and torch.equal(m.bias, torch.zeros(6))
+    x = torch.randn(2, 6, 4, 4)
+    torch.testing.assert_close(m(x), bn(x))
+
+
 def test_wrong_checkpoint_still_fails_strict():
     m = FrozenBatchNorm2d(6)
     with pytest.raises(RuntimeError, match="size mismatch"):
