@@ -1,0 +1,240 @@
+"""Frozen models go where BatchNorm models go: torch.compile, torch.export, ONNX,
+TorchScript, CUDA graphs, autocast."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import frozennorm
+from conftest import requires_cuda
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def randomise_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def converted(name="resnet18", **kw):
+    model = randomise_bn(getattr(torchvision.models, name)(**kw))
+    return frozennorm.convert_frozen_bn(model)
+
+
+def detection_backbone():
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    return frozennorm.convert_frozen_bn(randomise_bn(model.backbone))
+
+
+def assert_close_scaled(out, ref, rel=1e-4):
+    """Equal up to rel * the output's scale (roundings differ after dozens of layers)."""
+    scale = ref.detach().abs().max().clamp_min(1e-6)
+    torch.testing.assert_close(out, ref, rtol=0, atol=(rel * scale).item())
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given (and runs them eagerly)."""
+
+    def __init__(self):
+        self.graphs = 0
+        self.ops = set()
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        self.ops |= {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        return gm.forward
+
+
+# ------------------------------------------------------------------ torch.compile
+
+def test_compile_fullgraph_dynamic_batch_no_recompile_forward_backward():
+    model = converted().train()
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    for n in (2, 3, 5):
+        x = torch.randn(n, 3, 64, 64, requires_grad=True)
+        out = compiled(x)
+        ref = model(x)
+        assert_close_scaled(out, ref)
+        out.sum().backward()
+    assert backend.graphs == 1, "recompiled for a new batch size"
+    # the frozen layers are plain elementwise ATen ops in the graph (fusable by Inductor)
+    assert not any("frozennorm" in op for op in backend.ops)
+
+
+def test_compile_default_dynamic_settles_after_one_recompile():
+    model = converted().eval()
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for n in (1, 2, 3, 4):
+            compiled(torch.randn(n, 3, 32, 32))
+    assert backend.graphs <= 2  # static first, then one dynamic-batch graph
+
+
+@pytest.mark.slow
+def test_compile_detection_backbone_fullgraph_forward_backward():
+    model = detection_backbone().train()
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(1, 3, 128, 160, requires_grad=True)
+    out = compiled(x)
+    ref = model(x)
+    for k in ref:
+        assert_close_scaled(out[k], ref[k])
+    sum(v.sum() for v in out.values()).backward()
+    assert x.grad is not None and backend.graphs == 1
+
+
+def test_inductor_fuses_the_affine_map():
+    """Under Inductor the frozen BN is generated code, not a call to an opaque kernel."""
+    from torch._inductor.utils import run_and_get_code
+    bn = randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    model = frozennorm.convert_frozen_bn(bn).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    text = "\n".join(code)
+    assert "frozennorm" not in text and "frozen_bn" not in text
+
+
+# ------------------------------------------------------------------ torch.export
+
+def test_export_converted_model():
+    model = converted().eval()
+    x = torch.randn(2, 3, 64, 64)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("frozennorm" in t for t in targets)
+    for n in (2, 5):
+        x = torch.randn(n, 3, 64, 64)
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ ONNX
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_onnx_export_standard_ops_and_onnxruntime(tmp_path, dynamo):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    model = converted().eval()
+    x = torch.randn(1, 3, 64, 64)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=dynamo)
+    graph = onnx.load(str(path)).graph
+    domains = {n.domain for n in graph.node}
+    assert domains <= {"", "ai.onnx"}, f"custom domains: {domains}"
+    ops = {n.op_type for n in graph.node}
+    assert ("BatchNormalization" in ops) or ({"Mul", "Add"} <= ops)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ TorchScript
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("make,shape", [
+    (lambda: frozennorm.FrozenBatchNorm1d(6), (4, 6, 5)),
+    (lambda: frozennorm.FrozenBatchNorm2d(6), (2, 6, 5, 5)),
+    (lambda: frozennorm.FrozenBatchNorm3d(6), (2, 6, 3, 4, 5)),
+    (lambda: frozennorm.FrozenBatchNorm(6), (2, 6, 3)),
+])
+def test_torchscript_modules(make, shape):
+    m = randomise_frozen(make())
+    x = torch.randn(shape)
+    for scripted in (torch.jit.script(m), torch.jit.trace(m, x)):
+        torch.testing.assert_close(scripted(x), m(x))
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+        buf.seek(0)
+        torch.testing.assert_close(torch.jit.load(buf)(x), m(x))
+    with pytest.raises(Exception, match="channels"):
+        torch.jit.script(m)(torch.randn(shape[0], 7, *shape[2:]))
+
+
+def randomise_frozen(m):
+    with torch.no_grad():
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 2)
+        m.weight.normal_()
+    return m
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_converted_model_and_fused_module():
+    model = converted().eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    torch.testing.assert_close(torch.jit.script(model)(x), ref)
+    torch.testing.assert_close(torch.jit.trace(model, x)(x), ref)
+    fused = frozennorm.FusedFrozenBatchNorm.from_frozen(randomise_frozen(frozennorm.FrozenBatchNorm2d(4)), "relu6")
+    y = torch.randn(2, 4, 5, 5)
+    r = torch.randn_like(y)
+    torch.testing.assert_close(torch.jit.script(fused)(y, r), fused(y, r))
+
+
+# ------------------------------------------------------------------ autocast
+
+def _casts(model, x, device, dtype):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.no_grad(), torch.autocast(device, dtype=dtype), profile(activities=acts) as prof:
+        y = model(x)
+    names = [e.name for e in prof.events()]
+    return y, sum(n in ("aten::_to_copy", "aten::to") for n in names), names
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=[requires_cuda, pytest.mark.cuda]),
+    pytest.param("cuda", torch.bfloat16, marks=[requires_cuda, pytest.mark.cuda]),
+])
+def test_autocast_runs_in_the_input_dtype_without_extra_casts(device, dtype):
+    torch.manual_seed(0)
+    bn_model = randomise_bn(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                                          nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16))).to(device).eval()
+    frozen = frozennorm.convert_frozen_bn(randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
+        nn.BatchNorm2d(16)))).to(device)
+    frozen.load_state_dict(bn_model.state_dict())
+    x = torch.randn(2, 3, 20, 20, device=device)
+    y_bn, casts_bn, _ = _casts(bn_model, x, device, dtype)
+    y, casts, names = _casts(frozen, x, device, dtype)
+    assert y.dtype == dtype == y_bn.dtype
+    assert all(b.dtype == torch.float32 for b in frozen.buffers())
+    assert casts <= casts_bn, f"casts added: {casts} > {casts_bn}"
+    assert any("frozennorm::frozen_bn" in n for n in names)
+    torch.testing.assert_close(y.float(), y_bn.float(), rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------ CUDA graphs
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_graph_capture_forward_backward():
+    model = converted().cuda().train()
+    x = torch.randn(4, 3, 64, 64, device="cuda", requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(model, (x,))
+    for _ in range(3):
+        xi = torch.randn(4, 3, 64, 64, device="cuda", requires_grad=True)
+        out = graphed(xi)
+        out.sum().backward()
+        xr = xi.detach().requires_grad_()
+        ref = model(xr)
+        ref.sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(xi.grad, xr.grad, rtol=1e-4, atol=1e-4)
