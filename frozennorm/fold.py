@@ -90,16 +90,45 @@ class FoldedFrozenBatchNorm(nn.Module):
     # FrozenBatchNorm's cast rule (statistics never below float32); it calls no super().
     _apply = FrozenBatchNorm._apply
 
+    def _constants(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(scale, mean * scale - bias, ones)`` in ``dtype``, from the buffers as they are.
+
+        Kept between calls while the buffers are the same tensors at the same version (an
+        in-place update, ``load_state_dict``, ``.to()`` or DDP's buffer broadcast all
+        invalidate it), so a training step does not relaunch these per-channel ops for every
+        layer; recomputed on every call while a graph is captured.
+        """
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        capturing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        try:
+            key = (dtype, self.eps) + tuple(b._version for b in buffers)
+        except RuntimeError:  # inference tensors have no version counter
+            capturing = True
+        cache = getattr(self, "_constants_cache", None)
+        if (not capturing and cache is not None and cache[0] == key
+                and all(a is b for a, b in zip(cache[1], buffers))):
+            return cache[2]
+        scale = channel_scale(self.weight, self.running_var, self.eps, dtype)
+        # (input - (mean * scale - bias)) * 1: the shift, added with a single rounding
+        neg_shift = self.running_mean.to(dtype) * scale - self.bias.to(dtype)
+        constants = (scale, neg_shift, torch.ones_like(neg_shift))
+        if not capturing:
+            self.__dict__["_constants_cache"] = (key, buffers, constants)
+        return constants
+
     def scale(self, dtype: torch.dtype) -> Tensor:
         """``weight / sqrt(running_var + eps)`` in ``dtype``, from the buffers as they are now."""
-        return channel_scale(self.weight, self.running_var, self.eps, dtype)
+        return self._constants(dtype)[0]
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        acc = compute_dtype(input.dtype, self.running_mean.dtype)
-        # (input - (mean * scale - bias)) * 1: the shift, added with a single rounding
-        neg_shift = self.running_mean.to(acc) * self.scale(acc) - self.bias.to(acc)
-        return frozen_batch_norm_act(input, neg_shift, torch.ones_like(neg_shift), None, None,
-                                     0.0, self.activation, residual)
+        _, neg_shift, ones = self._constants(compute_dtype(input.dtype, self.running_mean.dtype))
+        return frozen_batch_norm_act(input, neg_shift, ones, None, None, 0.0, self.activation,
+                                     residual)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_constants_cache", None)  # tensors derived from the buffers: not state
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):

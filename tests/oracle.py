@@ -188,8 +188,8 @@ def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense (what empty_like keeps the strides of)."""
     dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
     expected = 1
-    for st, sz in dims:
-        if st != expected:
+    for stride, sz in dims:
+        if stride != expected:
             return False
         expected *= sz
     return True

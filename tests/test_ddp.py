@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from frozennorm import FrozenBatchNorm, assert_frozen, convert_frozen_bn
 
-from test_convert import randomize_norm_stats_
+from model_helpers import randomize_norm_stats_
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")

@@ -7,7 +7,7 @@ from torch import nn
 import frozennorm
 from frozennorm import AuditRow, AuditTable, NotFrozenError, assert_frozen, audit, convert_frozen_bn
 
-from test_convert import randomize_norm_stats_
+from model_helpers import randomize_norm_stats_
 
 
 def set_bn_eval(m: nn.Module) -> None:

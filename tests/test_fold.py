@@ -26,7 +26,7 @@ from frozennorm import (FoldedConv1d, FoldedConv2d, FoldedConv3d, FoldedFrozenBa
                         FusedFrozenBatchNorm, convert_frozen_bn, fold_frozen_bn, fuse,
                         revert_frozen_bn)
 
-from test_convert import assert_close_rel
+from model_helpers import assert_close_rel
 from test_fuse import DET, IMAGE, SMALL, frozen, run, tensors
 
 tvm = pytest.importorskip("torchvision.models")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from frozennorm import (FrozenBatchNorm2d, FrozenBatchNormAct2d, FusedFrozenBatchNorm,
                         UntraceableError, convert_frozen_bn, fuse)
 
-from test_convert import assert_close_rel, randomize_norm_stats_, train_without_dropout
+from model_helpers import assert_close_rel, randomize_norm_stats_, train_without_dropout
 
 tvm = pytest.importorskip("torchvision.models")
 

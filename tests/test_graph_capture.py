@@ -8,37 +8,20 @@ from torch import nn
 
 import frozennorm
 from conftest import requires_cuda
+from model_helpers import assert_close_rel, randomize_norm_stats_
 
 torchvision = pytest.importorskip("torchvision")
 
 
-def randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
-
-
 def converted(name="resnet18", **kw):
-    model = randomise_bn(getattr(torchvision.models, name)(**kw))
+    model = randomize_norm_stats_(getattr(torchvision.models, name)(**kw))
     return frozennorm.convert_frozen_bn(model)
 
 
 def detection_backbone():
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
     model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
-    return frozennorm.convert_frozen_bn(randomise_bn(model.backbone))
-
-
-def assert_close_scaled(out, ref, rel=1e-4):
-    """Equal up to rel * the output's scale (roundings differ after dozens of layers)."""
-    scale = ref.detach().abs().max().clamp_min(1e-6)
-    torch.testing.assert_close(out, ref, rtol=0, atol=(rel * scale).item())
+    return frozennorm.convert_frozen_bn(randomize_norm_stats_(model.backbone))
 
 
 class CountingBackend:
@@ -64,7 +47,7 @@ def test_compile_fullgraph_dynamic_batch_no_recompile_forward_backward():
         x = torch.randn(n, 3, 64, 64, requires_grad=True)
         out = compiled(x)
         ref = model(x)
-        assert_close_scaled(out, ref)
+        assert_close_rel(out, ref)
         out.sum().backward()
     assert backend.graphs == 1, "recompiled for a new batch size"
     # the frozen layers are plain elementwise ATen ops in the graph (fusable by Inductor)
@@ -90,7 +73,7 @@ def test_compile_detection_backbone_fullgraph_forward_backward():
     out = compiled(x)
     ref = model(x)
     for k in ref:
-        assert_close_scaled(out[k], ref[k])
+        assert_close_rel(out[k], ref[k])
     sum(v.sum() for v in out.values()).backward()
     assert x.grad is not None and backend.graphs == 1
 
@@ -98,7 +81,7 @@ def test_compile_detection_backbone_fullgraph_forward_backward():
 def test_inductor_fuses_the_affine_map():
     """Under Inductor the frozen BN is generated code, not a call to an opaque kernel."""
     from torch._inductor.utils import run_and_get_code
-    bn = randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    bn = randomize_norm_stats_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
     model = frozennorm.convert_frozen_bn(bn).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -205,9 +188,9 @@ def _casts(model, x, device, dtype):
 ])
 def test_autocast_runs_in_the_input_dtype_without_extra_casts(device, dtype):
     torch.manual_seed(0)
-    bn_model = randomise_bn(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+    bn_model = randomize_norm_stats_(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
                                           nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16))).to(device).eval()
-    frozen = frozennorm.convert_frozen_bn(randomise_bn(nn.Sequential(
+    frozen = frozennorm.convert_frozen_bn(randomize_norm_stats_(nn.Sequential(
         nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
         nn.BatchNorm2d(16)))).to(device)
     frozen.load_state_dict(bn_model.state_dict())

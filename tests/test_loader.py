@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import frozennorm
+import frozennorm  # noqa: F401  (registers the ops)
 from frozennorm import _loader, ops
 
 from oracle import DTYPES, fixed_samples, make_sample

@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from frozennorm import FrozenBatchNorm, assert_frozen, convert_frozen_bn
 
-from test_convert import assert_close_rel, randomize_norm_stats_
+from model_helpers import assert_close_rel, randomize_norm_stats_
 
 tvm = pytest.importorskip("torchvision.models")
 

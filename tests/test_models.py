@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from frozennorm import FrozenBatchNorm, assert_frozen, audit, convert_frozen_bn, revert_frozen_bn
 
-from test_convert import assert_close_rel, randomize_norm_stats_, train_without_dropout
+from model_helpers import assert_close_rel, randomize_norm_stats_, train_without_dropout
 
 tvm = pytest.importorskip("torchvision.models")
 

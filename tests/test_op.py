@@ -1,10 +1,9 @@
 """The fused op against an fp64 oracle: values, gradients, layouts, opcheck, errors."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import device_params, requires_cuda

@@ -1,0 +1,138 @@
+"""``python -m frozennorm.bench``: a smoke run for a handful of iterations, asserting the
+structure of what it reports, never its speed."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import frozennorm.bench
+from frozennorm.bench import cases, report, timing
+from frozennorm.bench.contenders import CONTENDERS, PEERS
+
+from conftest import requires_cuda
+
+SMOKE = ["--shape", "tiny", "--dtype", "fp32", "--layout", "nchw", "--repeat", "1",
+         "--min-run-time", "0.001", "--e2e-size", "1x32x32", "--no-progress"]
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("the CPU benchmark called a CUDA API")
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One CPU smoke run with every CUDA entry point the benchmark uses disabled."""
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("synchronize", "Event", "max_memory_allocated", "memory_allocated",
+                     "reset_peak_memory_stats", "get_device_properties", "get_device_name"):
+            mp.setattr(torch.cuda, name, _forbidden)
+        rc = frozennorm.bench.main(SMOKE + ["--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_json(cpu_run):
+    _, doc = cpu_run
+    meta = doc["metadata"]
+    for key in ("device_name", "torch", "torchvision", "cuda", "torch_threads", "frozennorm",
+                "frozennorm_backend", "command", "date", "memory_method", "timer"):
+        assert key in meta
+    assert meta["device"] == "cpu"
+    rows = doc["op_level"]
+    assert {(r["mode"], r["contender"]) for r in rows} == {
+        (m, c) for m in cases.MODES for c in CONTENDERS}
+    by = {(r["mode"], r["contender"]): r for r in rows}
+    for mode in cases.MODES:
+        for name in ("clone", "frozennorm", "bn_eval", "torchvision", "detectron2"):
+            row = by[(mode, name)]
+            assert row["status"] == "ok", row["error"]
+            assert row["time"]["median"] > 0 and row["gbps"] > 0 and row["x_floor"] > 0
+            assert row["launches"] is None
+        assert by[(mode, "clone")]["x_floor"] == 1.0
+        compiled = by[(mode, "compiled_tv")]  # may fail on a machine without a compiler
+        assert compiled["status"] == "ok" or compiled["error"]
+    channels = cases.SHAPES["tiny"][1]
+    assert by[("training", "frozennorm")]["saved_bytes"] == channels * 4  # the fp32 scale only
+    assert by[("training", "bn_eval")]["saved_bytes"] >= 64 * 7 * 7 * 4  # the input
+    assert by[("inference", "frozennorm")]["saved_bytes"] is None
+    e2e = doc["end_to_end"]
+    assert {(r["mode"], r["variant"]) for r in e2e} == {
+        (m, v) for m in ("training", "inference") for v in ("bn_eval", "torchvision", "frozennorm",
+                                                            "identity")}
+    for r in e2e:
+        assert r["status"] == "ok", r["error"]
+        assert r["time"]["median"] > 0 and r["bn_share"] is not None
+    summary = {(s["dtype"], s["layout"], s["mode"]): s for s in doc["summary"]}
+    assert set(summary) == {("float32", "nchw", m) for m in cases.MODES}
+    assert all(p in summary[("float32", "nchw", "inference")] for p in PEERS[:-1])
+
+
+def test_markdown_and_plots(cpu_run):
+    out, _ = cpu_run
+    md = (out / "results.md").read_text()
+    assert "## Headline" in md and "## End to end" in md and "| tiny 1x64x7x7 |" in md
+    pytest.importorskip("matplotlib")
+    for name in ("op_level_float32.png", "end_to_end.png"):
+        assert (out / name).stat().st_size > 1000
+        assert f"]({name})" in md
+
+
+def test_filters():
+    assert cases.parse_shapes(["det-c4", "small", "2x3x4x5", "tiny"]) == [
+        ("det-c4", (2, 1024, 50, 76)), ("small-c2", (1, 256, 56, 56)),
+        ("small-c5", (1, 2048, 7, 7)), ("tiny", (1, 64, 7, 7)), ("2x3x4x5", (2, 3, 4, 5))]
+    assert cases.parse_dtypes(["bf16", "fp32", "float32"]) == ["bfloat16", "float32"]
+    assert cases.parse_layouts(["cl", "NCHW"]) == ["channels_last", "nchw"]
+    assert cases.parse_modes(["train"]) == ["training"]
+    for bad in (lambda: cases.parse_shapes(["2x3x4"]), lambda: cases.parse_dtypes(["int8"]),
+                lambda: cases.parse_dims("2x0x4", 3)):
+        with pytest.raises(ValueError):
+            bad()
+    c = cases.Case("x", (2, 3, 4, 5), "bfloat16", "channels_last", "training")
+    assert c.ideal_bytes == 4 * 120 * 2  # 4 passes of 120 bf16 values
+    assert c.make_input("cpu").is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bad_filter_exits_2(capsys):
+    assert frozennorm.bench.main(["--shape", "nonsense", "--no-progress"]) == 2
+    assert "unknown shape" in capsys.readouterr().err
+
+
+def test_stats_and_interleave():
+    s = timing.Stats.of([1.0, 2.0, 3.0, 4.0, 100.0], [2.0])
+    assert s.median == 3.0 and s.min == 1.0 and s.max == 100.0 and s.samples == 5
+    calls = []
+    got = timing.interleave({"a": lambda: calls.append("a") or [1.0],
+                             "b": lambda: calls.append("b") or [2.0]}, rounds=2)
+    assert calls == ["a", "b", "b", "a"] and got["b"].median == 2.0
+
+
+def test_foreign_load():
+    value, load = timing.foreign_load(lambda: sum(range(100000)))
+    assert value == sum(range(100000))
+    assert load is None or load >= 0.0
+
+
+def test_table_formatting():
+    text = report.table(["name", "time"], [["a", "1.5 ms"], ["bb", "12 us"]])
+    assert text.splitlines()[0].startswith("name") and len(text.splitlines()) == 4
+    assert report.fmt_time(1.5e-3) == "1.5 ms" and report.fmt_bytes(2048) == "2 KiB"
+
+
+def test_python_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "frozennorm.bench", "--list-shapes"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "det-c4" in out.stdout
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_smoke(tmp_path):
+    assert frozennorm.bench.main(SMOKE + ["--device", "cuda", "--ops-only", "--out",
+                                          str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["op_level"]
+    fn = [r for r in rows if r["contender"] == "frozennorm"]
+    assert fn and all(r["launches"] and r["memory_bytes"] is not None for r in fn)
