@@ -7,6 +7,9 @@
   a model, torchvision/timm/detectron2/apex layers included; :class:`FrozenBatchNormAct2d`
   for timm's BatchNorm+activation layers.
 * :func:`audit` / :func:`assert_frozen` — what each normalisation layer will do next forward.
+* :func:`frozen_batch_norm_act` / :class:`FusedFrozenBatchNorm` — frozen BN (+ residual) +
+  ReLU/ReLU6/SiLU in one kernel each way; :func:`fuse` and :func:`fold_frozen_bn` put them,
+  and conv folding, into a model.
 """
 from .version import __version__
 from .ops import ACTIVATIONS, COMPILED, frozen_batch_norm, frozen_batch_norm_act
