@@ -80,6 +80,15 @@ def test_markdown_and_plots(cpu_run):
         assert f"]({name})" in md
 
 
+def test_render_from_json(cpu_run, tmp_path):
+    out, doc = cpu_run
+    assert frozennorm.bench.main(["--from-json", str(out / "results.json"), "--out",
+                                  str(tmp_path), "--no-plots"]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again == doc  # the JSON round-trips: nothing lost, nothing re-measured
+    assert (tmp_path / "results.md").read_text().startswith("# frozennorm benchmark")
+
+
 def test_filters():
     assert cases.parse_shapes(["det-c4", "small", "2x3x4x5", "tiny"]) == [
         ("det-c4", (2, 1024, 50, 76)), ("small-c2", (1, 256, 56, 56)),

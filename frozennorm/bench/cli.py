@@ -1,0 +1,243 @@
+"""The command line: what to run (quick default, ``--full``, filters), then the report."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import end_to_end, op_level, report
+from .cases import (GROUPS, LAYOUTS, MODES, Case, QUICK_DTYPES, QUICK_SHAPES, SHAPES, make_cases,
+                    parse_dims, parse_dtypes, parse_layouts, parse_modes, parse_shapes, shape_str)
+from .contenders import CONTENDERS
+from .timing import BUSY_LOAD
+
+EPILOG = """\
+examples:
+  python -m frozennorm.bench                         quick default (about a minute on 2 CPU cores)
+  python -m frozennorm.bench --full --out results/   the whole sweep, JSON + markdown + PNG plots
+  python -m frozennorm.bench --shape det --dtype bf16 --layout channels_last --mode training
+  python -m frozennorm.bench --e2e-only --e2e-size 2x800x1216
+"""
+
+
+@dataclass
+class Defaults:
+    """What a run measures when no filter says otherwise."""
+
+    shapes: List[str]
+    dtypes: List[str]
+    rounds: int
+    min_run_time: float
+    e2e_size: Tuple[int, int, int]
+    e2e_dtypes: List[str]
+
+
+def defaults(full: bool, cuda: bool) -> Defaults:
+    if full:
+        return Defaults(shapes=["all"], dtypes=["float32", "bfloat16", "float16"], rounds=5,
+                        min_run_time=0.1, e2e_size=(2, 800, 1216) if cuda else (1, 512, 512),
+                        e2e_dtypes=["float32", "bfloat16"] if cuda else ["float32"])
+    return Defaults(shapes=QUICK_SHAPES, dtypes=QUICK_DTYPES, rounds=3,
+                    min_run_time=0.05 if cuda else 0.02,
+                    e2e_size=(2, 800, 1216) if cuda else (1, 224, 224),
+                    e2e_dtypes=["float32", "bfloat16"] if cuda else ["float32"])
+
+
+def _csv(text: Optional[str]) -> Optional[List[str]]:
+    return None if text is None else [t for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m frozennorm.bench", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="frozennorm against nn.BatchNorm2d (eval), torchvision's FrozenBatchNorm2d, "
+                    "the detectron2 way and torch.compile, with x.clone() as the floor; op level "
+                    "and a ResNet-50-FPN backbone end to end. CUDA when present, else CPU.")
+    p.add_argument("--full", action="store_true",
+                   help="sweep every shape, dtype, layout and mode (default: a quick subset)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", help="comma list of float32, bfloat16, float16 (fp32, bf16, fp16)")
+    p.add_argument("--layout", help="comma list of nchw, channels_last")
+    p.add_argument("--shape", help="comma list of presets, groups (det, cls, small, all) or "
+                                   "NxCxHxW; see --list-shapes")
+    p.add_argument("--mode", help="comma list of inference (forward, no grad), training "
+                                  "(forward + backward)")
+    p.add_argument("--contenders", help=f"comma list of {', '.join(CONTENDERS)} (the floor, "
+                                        "clone, is always measured)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--ops-only", action="store_true", help="skip the end-to-end benchmark")
+    only.add_argument("--e2e-only", action="store_true", help="skip the op-level benchmark")
+    p.add_argument("--e2e-size", help="end-to-end input NxHxW (default: 1x224x224 on CPU, "
+                                      "1x512x512 with --full; 2x800x1216 on CUDA)")
+    p.add_argument("--e2e-dtype", help="end-to-end dtypes (half ones by autocast; default "
+                                       "float32 on CPU, float32,bfloat16 on CUDA)")
+    p.add_argument("--e2e-layout", help="end-to-end layouts (default nchw)")
+    p.add_argument("--e2e-mode", help="end-to-end modes (default: training,inference)")
+    p.add_argument("--repeat", type=int,
+                   help="interleaved rounds per case (default 3, 5 with --full)")
+    p.add_argument("--min-run-time", type=float,
+                   help="seconds per contender per round (default 0.02 on CPU, 0.05 on CUDA, "
+                        "0.1 with --full)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--busy-retries", type=int, default=0,
+                   help="retake a case's timings up to N times while other processes keep "
+                        "the CPU busy (Linux; default 0: only flag such cases)")
+    p.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
+    p.add_argument("--no-plots", action="store_true", help="with --out: no PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--list-shapes", action="store_true", help="list shape presets and groups")
+    p.add_argument("--from-json", type=Path, metavar="RESULTS_JSON",
+                   help="measure nothing: re-render the tables, results.md and plots of an "
+                        "earlier results.json (into --out, default its folder)")
+    return p
+
+
+def pick_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {choice}: no usable CUDA device "
+                         "(torch.cuda.is_available() is False)")
+    return choice
+
+
+def list_shapes() -> str:
+    lines = [f"  {name:<10} {shape_str(shape)}" for name, shape in SHAPES.items()]
+    lines += [f"  {name:<10} {', '.join(members)}" for name, members in GROUPS.items()]
+    return ("presets and groups:\n" + "\n".join(lines)
+            + f"\nquick default: {', '.join(QUICK_SHAPES)}")
+
+
+def rough_minutes(cases: Sequence[Case], n_contenders: int, rounds: int, min_run_time: float,
+                  cuda: bool) -> float:
+    """A rough time estimate: per case a compilation, then per contender three untimed calls
+    (warm-up, probes, calibration) and the rounds; a call's time guessed from its bytes."""
+    bandwidth = 1e12 if cuda else 1.5e9  # effective bytes/s of a slow contender
+    seconds = sum(1.0 + n_contenders * (3 * c.ideal_bytes / bandwidth
+                                        + rounds * max(min_run_time, c.ideal_bytes / bandwidth))
+                  for c in cases)
+    return seconds / 60
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_shapes:
+        print(list_shapes())
+        return 0
+    if args.from_json:
+        return _render(args.from_json, args.out or args.from_json.parent, not args.no_plots)
+    try:
+        return _run(args, list(sys.argv[1:] if argv is None else argv))
+    except ValueError as exc:  # a bad filter: say which
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, argv: List[str]) -> int:
+    start = time.monotonic()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    cuda = device.startswith("cuda")
+    d = defaults(args.full, cuda)
+    rounds = args.repeat or d.rounds
+    min_run_time = args.min_run_time if args.min_run_time is not None else d.min_run_time
+    contenders = _contenders(args.contenders)
+    cases = [] if args.e2e_only else make_cases(
+        parse_shapes(_csv(args.shape) or d.shapes), parse_dtypes(_csv(args.dtype) or d.dtypes),
+        parse_layouts(_csv(args.layout) or list(LAYOUTS)),
+        parse_modes(_csv(args.mode) or list(MODES)))
+    e2e_cases = [] if args.ops_only else _e2e_cases(args, d)
+    settings = {"full": args.full, "rounds": rounds, "min_run_time": min_run_time,
+                "contenders": contenders, "op_cases": len(cases), "e2e_cases": len(e2e_cases)}
+    meta = report.metadata(device, "python -m frozennorm.bench " + shlex.join(argv), settings)
+    print(f"frozennorm.bench: {report.meta_line(meta)}")
+    load = meta["load_average"]
+    if not cuda and load and load[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: the machine is busy (load average {load[0]} on {os.cpu_count()} CPUs): "
+              f"CPU timings will be slow and noisy", file=sys.stderr)
+    minutes = rough_minutes(cases, len(contenders), rounds, min_run_time, cuda)
+    print(f"{len(cases)} op-level cases x {len(contenders)} contenders, {len(e2e_cases)} "
+          f"end-to-end configurations; {rounds} interleaved rounds of >= {min_run_time:g} s "
+          f"(rough estimate: {minutes:.0f} min for the op level)", flush=True)
+
+    progress, retries = not args.no_progress, args.busy_retries
+    ops = op_level.run(cases, device, rounds, min_run_time, contenders, progress, retries) \
+        if cases else []
+    e2e = end_to_end.run(e2e_cases, device, rounds, min_run_time, progress=progress,
+                         retries=retries) if e2e_cases else []
+    _print_tables(ops, e2e, cuda)
+    _warn_busy(ops, e2e)
+    meta["elapsed_s"] = round(time.monotonic() - start, 1)
+    meta["load_average_end"] = report.load_average()
+    if args.out:
+        _write(args.out, meta, ops, e2e, plots=not args.no_plots)
+    print(f"\nfinished in {meta['elapsed_s']:.0f} s")
+    return 0
+
+
+def _render(path: Path, out: Path, plots: bool) -> int:
+    meta, ops, e2e = report.read_json(path)
+    _print_tables(ops, e2e, str(meta["device"]).startswith("cuda"))
+    _write(out, meta, ops, e2e, plots)
+    return 0
+
+
+def _print_tables(ops, e2e, cuda: bool) -> None:
+    if ops:
+        print("\nOp level (x floor: time / x.clone(); saved for bwd: bytes autograd keeps)")
+        print(report.table(report.OP_HEADERS, report.op_rows(ops, cuda)), flush=True)
+    if e2e:
+        print("\nEnd to end: Faster R-CNN ResNet-50-FPN backbone (BN share = (t - t_identity) / t)")
+        print(report.table(report.E2E_HEADERS, report.e2e_rows(e2e)))
+    if ops:
+        print("\nSummary: frozennorm x floor, and time of each peer / time of frozennorm "
+              "(geometric mean over shapes, min-max)")
+        print(report.table(report.SUMMARY_HEADERS, report.summary_rows(report.summary(ops))))
+
+
+def _warn_busy(ops, e2e) -> None:
+    busy = {r.case for r in [*ops, *e2e] if r.busy}
+    if busy:
+        print(f"\nwarning: other processes kept the CPU busy while {len(busy)} case(s) were "
+              f"timed (foreign_load > {BUSY_LOAD} cores in results.json); their timings are "
+              f"suspect, marked (busy) and left out of the summary (--busy-retries N retakes "
+              f"them)", file=sys.stderr)
+
+
+def _contenders(text: Optional[str]) -> List[str]:
+    """The requested contenders, the floor first (always measured)."""
+    names = ["clone"] + [c for c in (_csv(text) or CONTENDERS) if c != "clone"]
+    unknown = [c for c in names if c not in CONTENDERS]
+    if unknown:
+        raise ValueError(f"unknown contender(s) {', '.join(unknown)}: choose from "
+                         f"{', '.join(CONTENDERS)}")
+    return names
+
+
+def _e2e_cases(args: argparse.Namespace, d: Defaults) -> List[end_to_end.E2ECase]:
+    batch, height, width = parse_dims(args.e2e_size, ndim=3) if args.e2e_size else d.e2e_size
+    dtypes = parse_dtypes(_csv(args.e2e_dtype) or d.e2e_dtypes)
+    layouts = parse_layouts(_csv(args.e2e_layout) or ["nchw"])
+    modes = parse_modes(_csv(args.e2e_mode) or ["training", "inference"])
+    return [end_to_end.E2ECase(batch, height, width, dt, lay, mode)
+            for dt in dtypes for lay in layouts for mode in modes]
+
+
+def _write(out: Path, meta, ops, e2e, plots: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(out / "results.json", meta, ops, e2e)
+    files = report.write_plots(out, ops, e2e, str(meta["device_name"])) if plots else []
+    if plots and not files:
+        print("(no plots: matplotlib is not installed; pip install 'frozennorm[bench]')")
+    report.write_markdown(out / "results.md", meta, ops, e2e, files)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
+          + "".join(f", {out / f}" for f in files))
