@@ -138,6 +138,23 @@ def default_arch_list(nvcc_release):
     return "7.0;7.5;8.0;8.6;8.9;9.0+PTX"
 
 
+def parallel_backend():
+    """torch's ATen parallel backend (OpenMP, Native, ...), as its headers define it: the
+    inline at::parallel_for compiled into this library follows those macros."""
+    import torch
+
+    config = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "Config.h")
+    try:
+        with open(config) as f:
+            text = f.read()
+    except OSError:
+        return "OpenMP" if torch._C.has_openmp else "unknown"
+    for name, macro in (("OpenMP", "AT_PARALLEL_OPENMP"), ("Native", "AT_PARALLEL_NATIVE")):
+        if re.search(rf"#define\s+{macro}\s+1\b", text):
+            return name
+    return "unknown"
+
+
 def configure():
     """Decides what to build; returns (ext_modules, cmdclass, build_info)."""
     import torch
@@ -172,7 +189,16 @@ def configure():
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    extra = {"cxx": opt + ["-Wall", "-Wno-unknown-pragmas"]}
+    extra = {"cxx": opt + ["-Wall", "-Wno-unknown-pragmas"]}  # torch headers: #pragma unroll
+    link_args = []
+    # at::parallel_for is inline code that follows torch's parallel backend: with OpenMP
+    # (torch's Linux builds) it is a `#pragma omp parallel`, which a compiler without
+    # -fopenmp ignores, and every CPU kernel would run on one thread. The library then uses
+    # the OpenMP runtime torch has already loaded (libgomp.so.1, the same soname).
+    parallel = parallel_backend()
+    if parallel == "OpenMP":
+        extra["cxx"].append("/openmp" if sys.platform == "win32" else "-fopenmp")
+        link_args += [] if sys.platform == "win32" else ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     info = {
         "version": read_version(),
@@ -183,6 +209,7 @@ def configure():
         "nvcc_version": None,
         "cuda_arch_list": None,
         "python": sys.version.split()[0],
+        "parallel_backend": parallel,
     }
     if with_cuda:
         nvcc_release = nvcc_version(cuda_home)
@@ -213,6 +240,8 @@ def configure():
             log(f"CUDA library headers from: {', '.join(extra_inc)}")
     else:
         log(f"CUDA kernels: OFF ({reason})")
+    log(f"CPU kernels: torch's parallel backend {parallel}"
+        + (" (compiled with OpenMP)" if parallel == "OpenMP" else ""))
     log(f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, debug={bool(debug)}")
 
     ext = ext_cls(
@@ -220,6 +249,7 @@ def configure():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args=extra,
+        extra_link_args=link_args,
     )
 
     class BuildExt(cpp_extension.BuildExtension):

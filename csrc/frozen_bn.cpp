@@ -1,7 +1,12 @@
-// Schemas of the frozennorm ops, and the (empty) Python module `frozennorm._C` whose import
-// loads this library and so registers the ops and their CPU/CUDA kernels.
+// Schemas of the frozennorm ops, and the Python module `frozennorm._C` whose import loads
+// this library and so registers the ops and their CPU/CUDA kernels.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <set>
+#include <thread>
 
 TORCH_LIBRARY(frozennorm, m) {
   // y = (x - running_mean) * scale + bias with scale = weight / sqrt(running_var + eps),
@@ -29,11 +34,39 @@ TORCH_LIBRARY(frozennorm, m) {
       "bool residual_grad) -> (Tensor, Tensor)");
 }
 
-// `import frozennorm._C` loads this shared library, which registers the ops above. The
-// module itself is empty: the ops are reached through torch.ops.frozennorm.
+namespace {
+
+// _C.parallel_workers(n): how many distinct threads ran the chunks of an at::parallel_for
+// over n items, compiled exactly as the CPU kernels' loops are. at::parallel_for is inline
+// code: in a library built without the flags of torch's parallel backend (-fopenmp for an
+// OpenMP torch) it silently runs on one thread. The tests check this against
+// torch.get_num_threads().
+PyObject* parallel_workers(PyObject* /*self*/, PyObject* arg) {
+  const long long n = PyLong_AsLongLong(arg);
+  if (n == -1 && PyErr_Occurred()) return nullptr;
+  std::set<std::thread::id> ids;
+  std::mutex lock;
+  Py_BEGIN_ALLOW_THREADS
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> guard(lock);
+    ids.insert(std::this_thread::get_id());
+  });
+  Py_END_ALLOW_THREADS
+  return PyLong_FromSize_t(ids.size());
+}
+
+PyMethodDef methods[] = {
+    {"parallel_workers", parallel_workers, METH_O,
+     "Distinct threads that ran an at::parallel_for over n items (a build check)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// `import frozennorm._C` loads this shared library, which registers the ops above; the ops
+// are reached through torch.ops.frozennorm. The module holds only a build check.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "frozennorm's compiled ops (see torch.ops.frozennorm)", -1,
-      nullptr};
+      methods};
   return PyModule_Create(&module_def);
 }

@@ -35,10 +35,27 @@ def collect() -> Dict[str, Any]:
         "GPU usable": gpu,
         "GPU": torch.cuda.get_device_name(0) if gpu else "none",
         "CPU threads": torch.get_num_threads(),
+        "CPU kernels' threads": _cpu_kernel_threads(),
         "CPU capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def _cpu_kernel_threads() -> Any:
+    """Threads the compiled CPU kernels' parallel loops actually use (n/a without them)."""
+    from . import ops
+
+    if not ops.COMPILED:
+        return "n/a"
+    from . import _C
+
+    workers = getattr(_C, "parallel_workers", None)
+    if workers is None:
+        return "unknown (older build)"
+    used = workers(1 << 20)
+    wanted = torch.get_num_threads()
+    return used if used == wanted else f"{used} of {wanted}: rebuild (the parallel backend's flags were missing)"
 
 
 def main(argv=None) -> int:

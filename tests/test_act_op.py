@@ -65,6 +65,21 @@ def test_matches_unfused_sequence(device, dtype, activation, with_residual, layo
     check_case(s, activation, with_residual)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_parallel_chunks_cpu(dtype, activation, layout):
+    """Three threads split the flat range mid-plane: the fused op still equals the unfused
+    sequence, forward and backward (with a residual)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        s = make_sample([3, 7, 61, 67], dtype, layout, seed=7)
+        check_case(s, activation, with_residual=True)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", device_params())
 @given(data=st.data())
 def test_matches_unfused_sequence_property(device, data):

@@ -102,6 +102,25 @@ def test_schema_of_fallback_matches_compiled():
     assert str(torch.ops.frozennorm.frozen_bn_backward.default._schema) == "frozennorm::" + ops.BACKWARD_SCHEMA
 
 
+def test_cpu_kernels_run_on_all_torch_threads():
+    """at::parallel_for, as compiled into the extension, uses torch's intra-op threads (a
+    build without its parallel backend's flags runs every CPU kernel on one thread)."""
+    if not ops.COMPILED:
+        pytest.skip("the compiled extension is not installed")
+    from frozennorm import _C
+
+    if os.cpu_count() < 2:
+        pytest.skip("one CPU")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _C.parallel_workers(1 << 16) == 2
+        torch.set_num_threads(1)
+        assert _C.parallel_workers(1 << 16) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_info_command_reports_build_and_backend():
     r = subprocess.run([sys.executable, "-m", "frozennorm.info"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -294,6 +294,39 @@ def test_zero_size_and_one_by_one():
     check_forward(s)
 
 
+@pytest.fixture
+def cpu_threads(request):
+    """torch's intra-op threads set to request.param for the test, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cpu_threads", [2, 3], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("shape", [[3, 7, 61, 67],     # chunk edges fall inside planes
+                                   [2, 5, 3, 3001],    # long odd planes
+                                   [9, 40, 13, 17],    # small planes, many per chunk
+                                   [70, 1200]])        # one value per (n, c)
+def test_parallel_chunks_cpu(cpu_threads, dtype, layout, shape):
+    """Several threads split the flat range at arbitrary points (mid-plane, mid-vector):
+    every element is written once and exactly."""
+    s = make_sample(shape, dtype, layout, "typical", seed=sum(shape))
+    _, scale = check_forward(s)
+    check_backward(s, scale)
+
+
+@pytest.mark.parametrize("cpu_threads", [3], indirect=True)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_streaming_stores_in_parallel_cpu(cpu_threads, layout):
+    """Outputs of 16 MiB and more take the non-temporal-store path; split over threads."""
+    s = make_sample([2, 64, 181, 190], torch.float32, layout, "typical", seed=3)
+    _, scale = check_forward(s)
+    check_backward(s, scale)
+
+
 @pytest.mark.slow
 def test_more_than_2_pow_31_elements_cpu():
     """64-bit indexing: a 2^31 + 1000 element float16 tensor (~4 GiB in, ~4 GiB out)."""
