@@ -247,10 +247,14 @@ void walk_dense(const DenseProblem& p, const Op& op) {
         return;
       }
     }
+    // Channels-last rows whose starts are all aligned stream at any length (no scalar
+    // prologue per row); other runs only when long enough to amortise theirs.
+    const bool aligned_rows =
+        inner == 1 && (C * static_cast<int64_t>(c10::elementSize(p.data_type))) % kStreamAlign == 0;
     for (int64_t k = begin; k < end;) {
       // a run is the rest of a row of C channels (inner == 1) or of a plane of one channel
       const int64_t len = inner == 1 ? std::min(C - c, end - k) : std::min(inner - pos, end - k);
-      const bool stream = p.stream && len >= 8 * kStreamAlign;
+      const bool stream = p.stream && (aligned_rows || len >= 8 * kStreamAlign);
       if (inner == 1) {
         stream ? walk_run<true, true>(op, k, len, c, mean, scale, shift)
                : walk_run<true, false>(op, k, len, c, mean, scale, shift);
