@@ -226,6 +226,45 @@ void walk_small_planes(const Op& op, int64_t k, int64_t n, int64_t c, int64_t po
   while (j < n) scalar();
 }
 
+// Walks [k, k + n) over whole channels-last rows of C channels (C a multiple of the vector
+// step), starting at channel c: one loop over the range, the parameters loaded as vectors at
+// the running channel, so short rows pay no per-row setup. Returns how far it got (the
+// caller walks the rest run by run: only when streaming stores find outputs misaligned).
+template <bool kStream, typename Op>
+int64_t walk_rows(const Op& op, int64_t k, int64_t n, int64_t c, int64_t C,
+                  const typename Op::acc_t* mean, const typename Op::acc_t* scale,
+                  const typename Op::acc_t* shift) {
+  using acc_t = typename Op::acc_t;
+  using IO = typename Op::IO;
+  using V = typename IO::AccVec;
+  constexpr int64_t kLanes = V::size();
+  auto param = [](const acc_t* p, int64_t i) { return p != nullptr ? p[i] : acc_t(0); };
+  int64_t j = 0;
+  for (; j < n && c % IO::kStep != 0; ++j) {  // to a vector boundary of the row
+    op.scalar(k + j, param(mean, c), scale[c], param(shift, c));
+    c = c + 1 == C ? 0 : c + 1;
+  }
+  if (kStream && j < n && !op.aligned(k + j)) return j;
+  V m[IO::kParts], s[IO::kParts], b[IO::kParts];
+  for (int part = 0; part < IO::kParts; ++part) m[part] = b[part] = V(acc_t(0));
+  for (; j + IO::kStep <= n; j += IO::kStep) {
+    for (int part = 0; part < IO::kParts; ++part) {
+      const int64_t ch = c + part * kLanes;
+      s[part] = V::loadu(scale + ch);
+      if (mean != nullptr) m[part] = V::loadu(mean + ch);
+      if (shift != nullptr) b[part] = V::loadu(shift + ch);
+    }
+    op.template step<kStream>(k + j, m, s, b);
+    c += IO::kStep;
+    if (c == C) c = 0;
+  }
+  for (; j < n; ++j) {
+    op.scalar(k + j, param(mean, c), scale[c], param(shift, c));
+    c = c + 1 == C ? 0 : c + 1;
+  }
+  return n;
+}
+
 // Runs `op` over a DenseProblem's flat range, in parallel.
 template <typename Op>
 void walk_dense(const DenseProblem& p, const Op& op) {
@@ -240,6 +279,15 @@ void walk_dense(const DenseProblem& p, const Op& op) {
     int64_t c = inner == 1 ? begin % C : q % C;
     int64_t pos = inner == 1 ? 0 : begin - q * inner;  // position in the current plane
     if constexpr (IO::kVectorized) {
+      if (inner == 1 && C % IO::kStep == 0) {
+        const int64_t done = p.stream
+            ? walk_rows<true>(op, begin, end - begin, c, C, mean, scale, shift)
+            : walk_rows<false>(op, begin, end - begin, c, C, mean, scale, shift);
+        if (p.stream) stream_fence();
+        if (done == end - begin) return;
+        begin += done;  // misaligned outputs: the rest run by run (below)
+        c = begin % C;
+      }
       if (inner >= IO::AccVec::size() && inner < kSmallPlane) {
         p.stream ? walk_small_planes<true>(op, begin, end - begin, c, pos, inner, C, mean, scale, shift)
                  : walk_small_planes<false>(op, begin, end - begin, c, pos, inner, C, mean, scale, shift);
