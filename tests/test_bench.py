@@ -14,7 +14,8 @@ from frozennorm.bench.contenders import CONTENDERS, PEERS
 from conftest import requires_cuda
 
 SMOKE = ["--shape", "tiny", "--dtype", "fp32", "--layout", "nchw", "--repeat", "1",
-         "--min-run-time", "0.001", "--e2e-size", "1x32x32", "--no-progress"]
+         "--min-run-time", "0.001", "--e2e-size", "1x32x32", "--no-progress",
+         "--cpu-malloc", "system"]  # leave this process's heap as it is
 
 
 def _forbidden(*args, **kwargs):
@@ -59,12 +60,13 @@ def test_results_json(cpu_run):
     assert by[("training", "bn_eval")]["saved_bytes"] >= 64 * 7 * 7 * 4  # the input
     assert by[("inference", "frozennorm")]["saved_bytes"] is None
     e2e = doc["end_to_end"]
-    assert {(r["mode"], r["variant"]) for r in e2e} == {
-        (m, v) for m in ("training", "inference") for v in ("bn_eval", "torchvision", "frozennorm",
-                                                            "identity")}
+    assert {(r["model"], r["mode"], r["variant"]) for r in e2e} == {
+        ("fpn", m, v) for m in ("training", "inference")
+        for v in ("bn_eval", "torchvision", "frozennorm", "frozennorm_fold", "identity")}
     for r in e2e:
         assert r["status"] == "ok", r["error"]
         assert r["time"]["median"] > 0 and r["bn_share"] is not None
+    assert doc["summary_large"] == []  # the smoke shape is far below 16 MiB
     summary = {(s["dtype"], s["layout"], s["mode"]): s for s in doc["summary"]}
     assert set(summary) == {("float32", "nchw", m) for m in cases.MODES}
     assert all(p in summary[("float32", "nchw", "inference")] for p in PEERS[:-1])
@@ -108,6 +110,38 @@ def test_filters():
 def test_bad_filter_exits_2(capsys):
     assert frozennorm.bench.main(["--shape", "nonsense", "--no-progress"]) == 2
     assert "unknown shape" in capsys.readouterr().err
+    assert frozennorm.bench.main(["--e2e-variants", "frozennorm,magic", "--no-progress"]) == 2
+    assert "unknown --e2e-variants magic" in capsys.readouterr().err
+    assert frozennorm.bench.main(["--e2e-model", "vgg", "--no-progress"]) == 2
+    assert "unknown --e2e-model vgg" in capsys.readouterr().err
+
+
+def test_e2e_resnet50_variants(tmp_path):
+    """The ResNet-50 body end to end, variants picked by name; identity always runs."""
+    argv = ["--e2e-only", "--e2e-model", "resnet50", "--e2e-size", "1x32x32", "--e2e-mode",
+            "training", "--e2e-variants", "torchvision,frozennorm_fold", "--repeat", "1",
+            "--min-run-time", "0.001", "--no-progress", "--device", "cpu", "--out",
+            str(tmp_path), "--no-plots"]
+    assert frozennorm.bench.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["end_to_end"]
+    assert [(r["model"], r["variant"], r["status"]) for r in rows] == [
+        ("resnet50", v, "ok") for v in ("torchvision", "frozennorm_fold", "identity")]
+
+
+def test_e2e_variants_compute_the_same():
+    """Every eager variant of the benchmark's models computes what BatchNorm in eval does."""
+    from frozennorm.bench import end_to_end as e2e
+
+    torch.manual_seed(0)
+    base = e2e.randomize_bn(e2e.resnet50_body()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = base(x)
+        for variant in ("torchvision", "frozennorm", "frozennorm_fold"):
+            for mode in ("training", "inference"):
+                model = e2e.make_variant(base, variant, mode)
+                e2e.set_mode(model, variant, mode)
+                torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_stats_and_interleave():
@@ -135,6 +169,23 @@ def test_python_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "frozennorm.bench", "--list-shapes"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "det-c4" in out.stdout
+
+
+def test_cpu_malloc_keep(tmp_path):
+    """The default CPU heap setting, in a process of its own (it lasts for the process)."""
+    out = subprocess.run([sys.executable, "-m", "frozennorm.bench", "--device", "cpu", "--ops-only",
+                          "--shape", "tiny", "--dtype", "fp32", "--layout", "nchw", "--mode",
+                          "inference", "--repeat", "1", "--min-run-time", "0.001", "--no-progress",
+                          "--out", str(tmp_path), "--no-plots"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    meta = json.loads((tmp_path / "results.json").read_text())["metadata"]
+    malloc = meta["settings"]["cpu_malloc"]
+    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+        assert malloc == timing.CPU_MALLOC["keep"]
+    assert "CPU heap:" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="unknown --cpu-malloc"):
+        timing.configure_cpu_malloc("magic")
 
 
 @requires_cuda

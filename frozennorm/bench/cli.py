@@ -16,7 +16,7 @@ from . import end_to_end, op_level, report
 from .cases import (GROUPS, LAYOUTS, MODES, Case, QUICK_DTYPES, QUICK_SHAPES, SHAPES, make_cases,
                     parse_dims, parse_dtypes, parse_layouts, parse_modes, parse_shapes, shape_str)
 from .contenders import CONTENDERS
-from .timing import BUSY_LOAD
+from .timing import BUSY_LOAD, configure_cpu_malloc
 
 EPILOG = """\
 examples:
@@ -24,6 +24,7 @@ examples:
   python -m frozennorm.bench --full --out results/   the whole sweep, JSON + markdown + PNG plots
   python -m frozennorm.bench --shape det --dtype bf16 --layout channels_last --mode training
   python -m frozennorm.bench --e2e-only --e2e-size 2x800x1216
+  python -m frozennorm.bench --e2e-only --e2e-model resnet50 --e2e-variants frozennorm,compiled_tv
 """
 
 
@@ -37,17 +38,21 @@ class Defaults:
     min_run_time: float
     e2e_size: Tuple[int, int, int]
     e2e_dtypes: List[str]
+    e2e_models: List[str]
+    e2e_variants: List[str]
 
 
 def defaults(full: bool, cuda: bool) -> Defaults:
     if full:
         return Defaults(shapes=["all"], dtypes=["float32", "bfloat16", "float16"], rounds=5,
                         min_run_time=0.1, e2e_size=(2, 800, 1216) if cuda else (1, 512, 512),
-                        e2e_dtypes=["float32", "bfloat16"] if cuda else ["float32"])
+                        e2e_dtypes=["float32", "bfloat16"] if cuda else ["float32"],
+                        e2e_models=list(end_to_end.MODELS), e2e_variants=list(end_to_end.VARIANTS))
     return Defaults(shapes=QUICK_SHAPES, dtypes=QUICK_DTYPES, rounds=3,
                     min_run_time=0.05 if cuda else 0.02,
                     e2e_size=(2, 800, 1216) if cuda else (1, 224, 224),
-                    e2e_dtypes=["float32", "bfloat16"] if cuda else ["float32"])
+                    e2e_dtypes=["float32", "bfloat16"] if cuda else ["float32"],
+                    e2e_models=["fpn"], e2e_variants=list(end_to_end.QUICK_VARIANTS))
 
 
 def _csv(text: Optional[str]) -> Optional[List[str]]:
@@ -81,12 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
                                        "float32 on CPU, float32,bfloat16 on CUDA)")
     p.add_argument("--e2e-layout", help="end-to-end layouts (default nchw)")
     p.add_argument("--e2e-mode", help="end-to-end modes (default: training,inference)")
+    p.add_argument("--e2e-model", help="end-to-end models: fpn (Faster R-CNN ResNet-50-FPN "
+                                       "backbone), resnet50 (ResNet-50 body) (default: fpn; "
+                                       "both with --full)")
+    p.add_argument("--e2e-variants",
+                   help=f"end-to-end variants, comma list of {', '.join(end_to_end.VARIANTS)} "
+                        f"(default: all but the torch.compile ones, which take minutes to "
+                        f"compile on a small CPU; all with --full)")
     p.add_argument("--repeat", type=int,
                    help="interleaved rounds per case (default 3, 5 with --full)")
     p.add_argument("--min-run-time", type=float,
                    help="seconds per contender per round (default 0.02 on CPU, 0.05 on CUDA, "
                         "0.1 with --full)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--cpu-malloc", choices=["keep", "system"], default="keep",
+                   help="CPU: keep (default: glibc keeps freed memory, so outputs reuse warm "
+                        "pages and timings measure the kernels) or system (the default heap: "
+                        "large-tensor timings include page faults)")
     p.add_argument("--busy-retries", type=int, default=0,
                    help="retake a case's timings up to N times while other processes keep "
                         "the CPU busy (Linux; default 0: only flag such cases)")
@@ -156,8 +172,12 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
         parse_layouts(_csv(args.layout) or list(LAYOUTS)),
         parse_modes(_csv(args.mode) or list(MODES)))
     e2e_cases = [] if args.ops_only else _e2e_cases(args, d)
+    e2e_variants = _e2e_variants(args.e2e_variants, d)
     settings = {"full": args.full, "rounds": rounds, "min_run_time": min_run_time,
-                "contenders": contenders, "op_cases": len(cases), "e2e_cases": len(e2e_cases)}
+                "contenders": contenders, "op_cases": len(cases), "e2e_cases": len(e2e_cases),
+                "e2e_variants": e2e_variants}
+    if not cuda:
+        settings["cpu_malloc"] = configure_cpu_malloc(args.cpu_malloc)
     meta = report.metadata(device, "python -m frozennorm.bench " + shlex.join(argv), settings)
     print(f"frozennorm.bench: {report.meta_line(meta)}")
     load = meta["load_average"]
@@ -172,8 +192,8 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
     progress, retries = not args.no_progress, args.busy_retries
     ops = op_level.run(cases, device, rounds, min_run_time, contenders, progress, retries) \
         if cases else []
-    e2e = end_to_end.run(e2e_cases, device, rounds, min_run_time, progress=progress,
-                         retries=retries) if e2e_cases else []
+    e2e = end_to_end.run(e2e_cases, device, rounds, min_run_time, e2e_variants,
+                         progress=progress, retries=retries) if e2e_cases else []
     _print_tables(ops, e2e, cuda)
     _warn_busy(ops, e2e)
     meta["elapsed_s"] = round(time.monotonic() - start, 1)
@@ -196,12 +216,17 @@ def _print_tables(ops, e2e, cuda: bool) -> None:
         print("\nOp level (x floor: time / x.clone(); saved for bwd: bytes autograd keeps)")
         print(report.table(report.OP_HEADERS, report.op_rows(ops, cuda)), flush=True)
     if e2e:
-        print("\nEnd to end: Faster R-CNN ResNet-50-FPN backbone (BN share = (t - t_identity) / t)")
+        print("\nEnd to end (x identity: time / time with BN removed; BN share = "
+              "(t - t_identity) / t)")
         print(report.table(report.E2E_HEADERS, report.e2e_rows(e2e)))
     if ops:
         print("\nSummary: frozennorm x floor, and time of each peer / time of frozennorm "
               "(geometric mean over shapes, min-max)")
         print(report.table(report.SUMMARY_HEADERS, report.summary_rows(report.summary(ops))))
+        large = report.summary(ops, report.LARGE_BYTES)
+        if large:
+            print(f"\nThe same over inputs of {report.LARGE_BYTES >> 20} MiB and more")
+            print(report.table(report.SUMMARY_HEADERS, report.summary_rows(large)))
 
 
 def _warn_busy(ops, e2e) -> None:
@@ -228,8 +253,23 @@ def _e2e_cases(args: argparse.Namespace, d: Defaults) -> List[end_to_end.E2ECase
     dtypes = parse_dtypes(_csv(args.e2e_dtype) or d.e2e_dtypes)
     layouts = parse_layouts(_csv(args.e2e_layout) or ["nchw"])
     modes = parse_modes(_csv(args.e2e_mode) or ["training", "inference"])
-    return [end_to_end.E2ECase(batch, height, width, dt, lay, mode)
-            for dt in dtypes for lay in layouts for mode in modes]
+    models = _csv(args.e2e_model) or d.e2e_models
+    unknown = [m for m in models if m not in end_to_end.MODELS]
+    if unknown:
+        raise ValueError(f"unknown --e2e-model {', '.join(unknown)}: choose from "
+                         f"{', '.join(end_to_end.MODELS)}")
+    return [end_to_end.E2ECase(batch, height, width, dt, lay, mode, model)
+            for model in models for dt in dtypes for lay in layouts for mode in modes]
+
+
+def _e2e_variants(text: Optional[str], d: Defaults) -> List[str]:
+    """The end-to-end variants, in table order; the lower bound (identity) always runs."""
+    asked = set(_csv(text) or d.e2e_variants) | {"identity"}
+    unknown = sorted(asked - set(end_to_end.VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown --e2e-variants {', '.join(unknown)}: choose from "
+                         f"{', '.join(end_to_end.VARIANTS)}")
+    return [v for v in end_to_end.VARIANTS if v in asked]
 
 
 def _write(out: Path, meta, ops, e2e, plots: bool) -> None:

@@ -1,16 +1,22 @@
-"""End to end: a Faster R-CNN ResNet-50-FPN backbone (body + FPN) with each way of freezing
-BatchNorm, a training step (forward, backward, SGD) and inference, interleaved."""
+"""End to end: a Faster R-CNN ResNet-50-FPN backbone (body + FPN) or a ResNet-50 body with
+each way of freezing BatchNorm, a training step (forward, backward, SGD) and inference,
+interleaved: BatchNorm in eval, torchvision's FrozenBatchNorm2d, frozennorm as converted,
+frozennorm with :func:`~frozennorm.fold_frozen_bn` and :func:`~frozennorm.fuse`,
+``torch.compile`` of the torchvision and of the frozennorm model, and BatchNorm removed
+(``nn.Identity``) as the lower bound."""
 from __future__ import annotations
 
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..convert import convert_frozen_bn
+from ..fold import fold_frozen_bn
+from ..fuse import fuse
 from .cases import DTYPES, LAYOUTS
 from .contenders import torchvision_frozen
 from .memory import cuda_peak_bytes, forward_footprint
@@ -21,8 +27,15 @@ VARIANTS: Dict[str, str] = {
     "bn_eval": "nn.BatchNorm2d eval",
     "torchvision": "torchvision FrozenBN",
     "frozennorm": "frozennorm",
+    "frozennorm_fold": "frozennorm fold+fuse",
+    "compiled_tv": "torch.compile(torchvision)",
+    "compiled_frozennorm": "torch.compile(frozennorm)",
     "identity": "no BN (identity)",
 }
+#: Variants compiled with torch.compile: minutes of compilation each on a small CPU, so
+#: only ``--full`` (or ``--e2e-variants``) runs them.
+COMPILED = ("compiled_tv", "compiled_frozennorm")
+QUICK_VARIANTS = [v for v in VARIANTS if v not in COMPILED]
 
 
 @dataclass(frozen=True)
@@ -35,10 +48,12 @@ class E2ECase:
     dtype: str
     layout: str
     mode: str
+    model: str = "fpn"
 
     @property
     def label(self) -> str:
-        return f"{self.batch}x3x{self.height}x{self.width} {self.dtype} {self.layout} {self.mode}"
+        return (f"{MODELS[self.model][0]} {self.batch}x3x{self.height}x{self.width} "
+                f"{self.dtype} {self.layout} {self.mode}")
 
 
 @dataclass
@@ -63,6 +78,35 @@ def backbone() -> nn.Module:
                                norm_layer=nn.BatchNorm2d, trainable_layers=3)
 
 
+def resnet50_body() -> nn.Module:
+    """torchvision's ResNet-50 without its pooling and classifier (stem and the four
+    stages), random weights, every layer trainable."""
+    from torchvision.models import resnet50
+
+    return nn.Sequential(*list(resnet50(weights=None).children())[:-2])
+
+
+#: model key -> (display name, builder)
+MODELS: Dict[str, Tuple[str, Callable[[], nn.Module]]] = {
+    "fpn": ("R50-FPN backbone", backbone),
+    "resnet50": ("ResNet-50 body", resnet50_body),
+}
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters (a trained model's are not 0 and
+    1), so that no variant is timed on a special case."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.2, 1.0, generator=gen)
+                m.bias.normal_(0, 0.2, generator=gen)
+    return model
+
+
 def replace_bn(module: nn.Module, make: Callable[[nn.BatchNorm2d], nn.Module]) -> nn.Module:
     """Replaces every ``nn.BatchNorm2d`` below ``module`` by ``make(bn)``, in place."""
     for name, child in module.named_children():
@@ -73,17 +117,30 @@ def replace_bn(module: nn.Module, make: Callable[[nn.BatchNorm2d], nn.Module]) -
     return module
 
 
-def make_variant(base: nn.Module, variant: str) -> nn.Module:
+def make_variant(base: nn.Module, variant: str, mode: str = "training",
+                 memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
+    """A copy of ``base`` with its BatchNorm frozen the ``variant`` way, for ``mode``:
+    fold+fuse folds for training (trainable conv weights, :func:`fold_frozen_bn` in
+    ``"training"`` mode, then :func:`fuse`) or for inference (weights rewritten once)."""
     model = copy.deepcopy(base)
     if variant == "bn_eval":
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.requires_grad_(False)  # frozen affine, like the frozen modules
         return model
-    if variant == "frozennorm":
-        return convert_frozen_bn(model, strict=True)  # the library's own converter
-    make = {"torchvision": torchvision_frozen, "identity": lambda bn: nn.Identity()}[variant]
-    return replace_bn(model, make)
+    if variant in ("frozennorm", "compiled_frozennorm", "frozennorm_fold"):
+        model = convert_frozen_bn(model, strict=True)  # the library's own converter
+        if variant == "frozennorm_fold":
+            model = fold_frozen_bn(model, mode, inplace=True)
+            model = fuse(model, inplace=True) if mode == "training" else model
+    else:
+        make = {"torchvision": torchvision_frozen, "compiled_tv": torchvision_frozen,
+                "identity": lambda bn: nn.Identity()}[variant]
+        model = replace_bn(model, make)
+    model = model.to(memory_format=memory_format)
+    if variant in COMPILED:
+        model = torch.compile(model)
+    return model
 
 
 def set_mode(model: nn.Module, variant: str, mode: str) -> None:
@@ -116,7 +173,9 @@ def make_call(model: nn.Module, case: E2ECase, x: Tensor, device: str) -> Callab
     def step() -> object:
         opt.zero_grad(set_to_none=True)
         with _autocast(device, case.dtype):
-            loss = sum(f.float().mean() for f in model(x).values())
+            out = model(x)
+            maps = out.values() if isinstance(out, dict) else [out]
+            loss = sum(f.float().mean() for f in maps)
         loss.backward()
         opt.step()
         return loss
@@ -131,10 +190,12 @@ def run_config(base: nn.Module, case: E2ECase, device: str, timer: Timer, rounds
     x = torch.randn(case.batch, 3, case.height, case.width, device=device)
     x = x.contiguous(memory_format=fmt)
     results = [E2EResult(case, v) for v in variants]
+    if any(v in COMPILED for v in variants):
+        torch._dynamo.reset()  # each configuration compiles afresh, within Dynamo's cache limit
     samplers = {}
     for result in results:
         try:
-            model = make_variant(base, result.name).to(memory_format=fmt)
+            model = make_variant(base, result.name, case.mode, fmt)
             set_mode(model, result.name, case.mode)
             call = make_call(model, case, x, device)
             call()
@@ -161,17 +222,20 @@ def run_config(base: nn.Module, case: E2ECase, device: str, timer: Timer, rounds
 
 
 def run(cases: Sequence[E2ECase], device: str, rounds: int, min_run_time: float,
-        variants: Sequence[str] = tuple(VARIANTS), progress: bool = True,
+        variants: Sequence[str] = tuple(QUICK_VARIANTS), progress: bool = True,
         retries: int = 0) -> List[E2EResult]:
     timer = make_timer(device, min_run_time)
-    torch.manual_seed(0)
-    base = backbone().to(device)
+    bases: Dict[str, nn.Module] = {}
     bar = Progress(len(cases), "end to end") if progress else None
     out: List[E2EResult] = []
     for case in cases:
+        if case.model not in bases:
+            torch.manual_seed(0)
+            bases[case.model] = randomize_bn(MODELS[case.model][1]()).to(device)
         if bar:
             bar.step(case.label)
-        out.extend(run_config(base, case, device, timer, rounds, variants, retries))
+        out.extend(run_config(bases[case.model], case, device, timer, rounds, variants,
+                              retries))
     if bar:
         bar.close()
     return out

@@ -16,9 +16,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cases import Case, shape_str
+from .cases import DTYPES, Case, shape_str
 from .contenders import LABELS, PEERS
-from .end_to_end import VARIANTS, E2ECase, E2EResult
+from .end_to_end import MODELS, VARIANTS, E2ECase, E2EResult
 from .memory import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD
 from .op_level import OpResult
 from .results import Result
@@ -126,14 +126,23 @@ def geomean(values: Sequence[float]) -> Optional[float]:
     return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
 
 
-def summary(results: Sequence[OpResult]) -> List[Dict[str, object]]:
-    """Per dtype, layout and mode: geometric mean (and range) over shapes of frozennorm's
-    time relative to the floor and of each peer's time relative to frozennorm's."""
+#: Inputs at least this large are "large tensors": past the caches, bandwidth-bound.
+LARGE_BYTES = 16 << 20
+
+
+def input_bytes(case: Case) -> int:
+    return math.prod(case.shape) * torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+
+
+def summary(results: Sequence[OpResult], min_bytes: int = 0) -> List[Dict[str, object]]:
+    """Per dtype, layout and mode: geometric mean (and range) over shapes (those whose input
+    has at least ``min_bytes``) of frozennorm's time relative to the floor and of each
+    peer's time relative to frozennorm's."""
     groups: Dict[Tuple[str, str, str], Dict[str, List[float]]] = defaultdict(
         lambda: defaultdict(list))
     for (_, dtype, layout, mode), rs in by_case(results).items():
         mine = rs.get("frozennorm")
-        if mine is None or mine.stats is None or mine.busy:
+        if mine is None or mine.stats is None or mine.busy or input_bytes(mine.case) < min_bytes:
             continue
         g = groups[(dtype, layout, mode)]
         if mine.x_floor:
@@ -190,7 +199,7 @@ HEADLINE_HEADERS = ["shape", "dtype", "layout", "mode", "frozennorm", "x floor"]
 # End-to-end table
 # --------------------------------------------------------------------------------------
 
-E2E_HEADERS = ["input", "dtype", "layout", "mode", "variant", "time/step", "spread",
+E2E_HEADERS = ["model", "input", "dtype", "layout", "mode", "variant", "time/step", "spread",
                "x identity", "BN share", "saved for bwd", "memory"]
 
 
@@ -198,7 +207,8 @@ def e2e_rows(results: Sequence[E2EResult]) -> List[List[str]]:
     rows = []
     for r in results:
         c = r.case
-        head = [f"{c.batch}x3x{c.height}x{c.width}", c.dtype, c.layout, c.mode, r.label]
+        head = [MODELS[c.model][0], f"{c.batch}x3x{c.height}x{c.width}", c.dtype, c.layout,
+                c.mode, r.label]
         if r.stats is None:
             rows.append(head + [r.status, (r.error or "")[:60]] + [""] * 4)
             continue
@@ -289,7 +299,7 @@ def metadata(device: str, command: str, settings: Dict[str, object]) -> Dict[str
 
 def write_json(path: Path, meta: Dict[str, object], ops: Sequence[OpResult],
                e2e: Sequence[E2EResult]) -> None:
-    doc = {"metadata": meta, "summary": summary(ops),
+    doc = {"metadata": meta, "summary": summary(ops), "summary_large": summary(ops, LARGE_BYTES),
            "op_level": [r.as_dict() for r in ops], "end_to_end": [r.as_dict() for r in e2e]}
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
@@ -307,7 +317,8 @@ def read_json(path: Path) -> Tuple[Dict[str, object], List[OpResult], List[E2ERe
     doc = json.loads(path.read_text())
     ops = [_result_from(OpResult, Case(d["shape_name"], tuple(d["shape"]), d["dtype"],
                                        d["layout"], d["mode"]), d) for d in doc["op_level"]]
-    e2e = [_result_from(E2EResult, E2ECase(*(d[f.name] for f in dataclasses.fields(E2ECase))), d)
+    e2e = [_result_from(E2EResult, E2ECase(**{f.name: d[f.name] for f in dataclasses.fields(E2ECase)
+                                              if f.name in d}), d)
            for d in doc["end_to_end"]]
     return doc["metadata"], ops, e2e
 
@@ -332,8 +343,14 @@ METHOD_NOTE = """\
   inference = forward under `no_grad`. `saved for bwd`: bytes of the tensors autograd keeps
   for the backward (`saved_tensors_hooks`, per storage).
 - End to end: torchvision's Faster R-CNN ResNet-50-FPN backbone (body + FPN, trainable
-  layers 3), training step = forward, sum of means of the FPN maps, backward, SGD;
-  BN share = (t - t_identity) / t.
+  layers 3) or ResNet-50 body (stem + 4 stages), random BN statistics; training step =
+  forward, sum of means of the output maps, backward, SGD; `x identity` = time / time of
+  the same model with BN replaced by `nn.Identity` (the lower bound), BN share =
+  (t - t_identity) / t. `frozennorm fold+fuse`: `convert_frozen_bn`, then for training
+  `fuse(fold_frozen_bn(model, "training"))` (trainable conv weights scaled at each call,
+  shift + activation + residual in one fused op), for inference
+  `fold_frozen_bn(model, "inference")` (weights rewritten once). `torch.compile(...)`:
+  default mode, compilation excluded (done in the warm-up call).
 - `foreign_load` in results.json: CPU cores other processes kept busy while a case was
   timed (Linux /proc/stat); CPU timings above 0.25 are suspect: marked `(busy)` in the
   tables and left out of the summary (`--busy-retries N` retakes them)."""
@@ -348,6 +365,11 @@ def write_markdown(path: Path, meta: Dict[str, object], ops: Sequence[OpResult],
     if ops:
         parts += ["## Headline: frozennorm against each peer (geometric mean over shapes)", "",
                   table(SUMMARY_HEADERS, summary_rows(summary(ops)), markdown=True), ""]
+        large = summary(ops, LARGE_BYTES)
+        if large:
+            parts += [f"### Large tensors: inputs of {LARGE_BYTES >> 20} MiB and more "
+                      f"(bandwidth-bound)", "",
+                      table(SUMMARY_HEADERS, summary_rows(large), markdown=True), ""]
     if e2e:
         parts += ["## End to end", "", table(E2E_HEADERS, e2e_rows(e2e), markdown=True), ""]
     if ops:
@@ -358,6 +380,9 @@ def write_markdown(path: Path, meta: Dict[str, object], ops: Sequence[OpResult],
         parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     parts += ["## Method", "", METHOD_NOTE, "", f"- Timer: {meta['timer']}.",
               f"- Memory: {meta['memory_method']}.", ""]
+    malloc = meta.get("settings", {}).get("cpu_malloc")
+    if malloc:
+        parts.insert(-1, f"- CPU heap: {malloc}.")
     path.write_text("\n".join(parts))
 
 
@@ -366,7 +391,8 @@ def write_markdown(path: Path, meta: Dict[str, object], ops: Sequence[OpResult],
 # --------------------------------------------------------------------------------------
 
 COLORS = {"frozennorm": "#d62728", "bn_eval": "#1f77b4", "torchvision": "#ff7f0e",
-          "detectron2": "#2ca02c", "compiled_tv": "#9467bd", "identity": "#7f7f7f"}
+          "detectron2": "#2ca02c", "compiled_tv": "#9467bd", "identity": "#7f7f7f",
+          "frozennorm_fold": "#8c0000", "compiled_frozennorm": "#e377c2"}
 
 
 def _pyplot():
@@ -457,7 +483,7 @@ def plot_end_to_end(plt, out_dir: Path, e2e: Sequence[E2EResult], device_name: s
     groups = list(dict.fromkeys(r.case.label for r in e2e))
     by = {(r.case.label, r.name): r for r in e2e}
     series = {v: [by[(g, v)].stats.median * 1e3 if (g, v) in by and by[(g, v)].stats else None
-                  for g in groups] for v in VARIANTS}
+                  for g in groups] for v in VARIANTS if any(r.name == v for r in e2e)}
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(groups) + 2), 4.5))
     _bars(ax, groups, series)
     for v_index, (v, values) in enumerate(series.items()):
@@ -468,7 +494,7 @@ def plot_end_to_end(plt, out_dir: Path, e2e: Sequence[E2EResult], device_name: s
                 ax.annotate(f"{100 * r.bn_share:.0f}%", (x, value), ha="center", va="bottom",
                             fontsize=7)
     ax.set_ylabel("ms per call (lower is better)")
-    ax.set_title(f"ResNet-50-FPN backbone, {device_name}\n(labels: BN share of the step)",
+    ax.set_title(f"End to end, {device_name}\n(labels: BN share of the step)",
                  fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

@@ -238,3 +238,38 @@ def timed_rounds(samplers: Mapping[str, Sampler], rounds: int, retries: int = 0
             return stats, load
         attempt += 1
         time.sleep(5.0 * attempt)
+
+
+# --------------------------------------------------------------------------------------
+# The CPU heap
+# --------------------------------------------------------------------------------------
+
+CPU_MALLOC = {
+    "keep": "glibc heap told to keep freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD "
+            "2 GiB): each call's output reuses warm pages, as with a caching allocator "
+            "(jemalloc, tcmalloc); timings measure the kernels, not page faults",
+    "system": "the C library's default heap: large outputs come from fresh mmap'd pages on "
+              "some calls and not on others, so large-tensor timings include page faults "
+              "and vary from run to run",
+}
+
+
+def configure_cpu_malloc(mode: str) -> str:
+    """Sets how glibc's malloc hands out large blocks (``keep`` or ``system``) and returns
+    what the run used. Without glibc (or with another allocator preloaded in its place,
+    which ignores ``mallopt``), nothing changes and the answer says so."""
+    if mode not in CPU_MALLOC:
+        raise ValueError(f"unknown --cpu-malloc {mode!r}: choose from {', '.join(CPU_MALLOC)}")
+    if mode == "system":
+        return CPU_MALLOC["system"]
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "the C library has no mallopt (not glibc): its default heap"
+    m_trim_threshold, m_mmap_max = -1, -4
+    ok = mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1  # a C int
+    return CPU_MALLOC["keep"] if ok else "mallopt refused: the C library's default heap"
