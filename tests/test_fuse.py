@@ -314,3 +314,21 @@ def test_fused_model_loads_state_dicts_and_deepcopies():
     copied = copy.deepcopy(fused)
     assert list(copied.state_dict()) == list(other.state_dict())
     check_same(other, copied, SMALL)
+
+
+def test_fuse_and_fold_example_runs():
+    """examples/fuse_and_fold.py (the README's example) runs and reports tiny differences."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "fuse_and_fold.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "resnet18", "--batch-size", "2",
+                          "--image-size", "64"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    # ResNet-18: 20 conv -> BN pairs; 9 BN -> ReLU (stem + each block's first) and 8 tails
+    assert "folded 20 conv -> frozen BatchNorm pair(s) (training)" in out.stdout
+    assert "9 x bn -> relu" in out.stdout and "8 x bn + add -> relu" in out.stdout
+    diffs = [float(d) for d in re.findall(r"max difference ([0-9.e+-]+)", out.stdout)]
+    assert len(diffs) == 2 and all(d < 1e-5 for d in diffs), out.stdout
