@@ -196,7 +196,8 @@ def configure():
     # -fopenmp ignores, and every CPU kernel would run on one thread. The library then uses
     # the OpenMP runtime torch has already loaded (libgomp.so.1, the same soname).
     parallel = parallel_backend()
-    if parallel == "OpenMP":
+    openmp = parallel == "OpenMP" and sys.platform != "darwin"  # Apple clang has no -fopenmp
+    if openmp:
         extra["cxx"].append("/openmp" if sys.platform == "win32" else "-fopenmp")
         link_args += [] if sys.platform == "win32" else ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -241,7 +242,9 @@ def configure():
     else:
         log(f"CUDA kernels: OFF ({reason})")
     log(f"CPU kernels: torch's parallel backend {parallel}"
-        + (" (compiled with OpenMP)" if parallel == "OpenMP" else ""))
+        + (" (compiled with OpenMP)" if openmp else
+           " (not compiled with OpenMP: the CPU kernels run on one thread)"
+           if parallel == "OpenMP" else ""))
     log(f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, debug={bool(debug)}")
 
     ext = ext_cls(
