@@ -62,8 +62,6 @@ class E2EResult(Result):
 
     x_identity: Optional[float] = None
     bn_share: Optional[float] = None
-    saved_bytes: Optional[int] = None
-    memory_bytes: Optional[int] = None
 
     LABELS = VARIANTS
     NAME_KEY = "variant"

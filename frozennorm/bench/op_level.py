@@ -20,8 +20,6 @@ class OpResult(Result):
     """One contender (``name``) on one op-level case."""
 
     out_dtype: Optional[str] = None
-    saved_bytes: Optional[int] = None
-    memory_bytes: Optional[int] = None
     launches: Optional[int] = None
     x_floor: Optional[float] = None
     gbps: Optional[float] = None

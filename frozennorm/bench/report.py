@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cases import DTYPES, Case, shape_str
+from .cases import Case, shape_str
 from .contenders import LABELS, PEERS
 from .end_to_end import MODELS, VARIANTS, E2ECase, E2EResult
 from .memory import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD
@@ -130,10 +130,6 @@ def geomean(values: Sequence[float]) -> Optional[float]:
 LARGE_BYTES = 16 << 20
 
 
-def input_bytes(case: Case) -> int:
-    return math.prod(case.shape) * torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-
-
 def summary(results: Sequence[OpResult], min_bytes: int = 0) -> List[Dict[str, object]]:
     """Per dtype, layout and mode: geometric mean (and range) over shapes (those whose input
     has at least ``min_bytes``) of frozennorm's time relative to the floor and of each
@@ -142,7 +138,7 @@ def summary(results: Sequence[OpResult], min_bytes: int = 0) -> List[Dict[str, o
         lambda: defaultdict(list))
     for (_, dtype, layout, mode), rs in by_case(results).items():
         mine = rs.get("frozennorm")
-        if mine is None or mine.stats is None or mine.busy or input_bytes(mine.case) < min_bytes:
+        if mine is None or mine.stats is None or mine.busy or mine.case.tensor_bytes < min_bytes:
             continue
         g = groups[(dtype, layout, mode)]
         if mine.x_floor:

@@ -28,6 +28,10 @@ class Result:
     stats: Optional[Stats] = None
     #: CPU cores other processes kept busy while this case was timed (Linux only)
     foreign_load: Optional[float] = None
+    #: bytes autograd keeps for the backward (training only)
+    saved_bytes: Optional[int] = None
+    #: CUDA: peak memory of one call; CPU: output + saved tensors (see memory.py)
+    memory_bytes: Optional[int] = None
 
     #: display names of the contenders, and the JSON key that holds ``name``
     LABELS: ClassVar[Dict[str, str]] = {}
