@@ -50,6 +50,12 @@ inline T fma_scalar(T a, T b, T c) {
 #endif
 }
 
+// Parameter i of a per-channel array; an absent one (the backward's mean and shift) is 0.
+template <typename T>
+inline T param(const T* p, int64_t i) {
+  return p != nullptr ? p[i] : T(0);
+}
+
 // Non-temporal store of one 32-byte vector to a 32-byte aligned address.
 #if defined(CPU_CAPABILITY_AVX2)
 inline void stream_store(float* p, const Vectorized<float>& v) {
@@ -140,9 +146,7 @@ inline acc_t round_to(acc_t v) {
 template <bool kContig, bool kStream, typename Op>
 void walk_run(const Op& op, int64_t k, int64_t n, int64_t c, const typename Op::acc_t* mean,
               const typename Op::acc_t* scale, const typename Op::acc_t* shift) {
-  using acc_t = typename Op::acc_t;
   using IO = typename Op::IO;
-  auto param = [](const acc_t* p, int64_t i) { return p != nullptr ? p[i] : acc_t(0); };
   auto scalar = [&](int64_t j) {
     const int64_t ch = kContig ? c + j : c;
     op.scalar(k + j, param(mean, ch), scale[ch], param(shift, ch));
@@ -183,11 +187,9 @@ template <bool kStream, typename Op>
 void walk_small_planes(const Op& op, int64_t k, int64_t n, int64_t c, int64_t pos, int64_t inner,
                        int64_t C, const typename Op::acc_t* mean, const typename Op::acc_t* scale,
                        const typename Op::acc_t* shift) {
-  using acc_t = typename Op::acc_t;
   using IO = typename Op::IO;
   using V = typename IO::AccVec;
   constexpr int64_t kLanes = V::size();
-  auto param = [](const acc_t* p, int64_t i) { return p != nullptr ? p[i] : acc_t(0); };
   auto next = [C](int64_t ch) { return ch + 1 == C ? int64_t{0} : ch + 1; };
   int64_t j = 0;
   auto scalar = [&] {
@@ -238,12 +240,13 @@ int64_t walk_rows(const Op& op, int64_t k, int64_t n, int64_t c, int64_t C,
   using IO = typename Op::IO;
   using V = typename IO::AccVec;
   constexpr int64_t kLanes = V::size();
-  auto param = [](const acc_t* p, int64_t i) { return p != nullptr ? p[i] : acc_t(0); };
   int64_t j = 0;
-  for (; j < n && c % IO::kStep != 0; ++j) {  // to a vector boundary of the row
+  auto scalar = [&] {
     op.scalar(k + j, param(mean, c), scale[c], param(shift, c));
+    ++j;
     c = c + 1 == C ? 0 : c + 1;
-  }
+  };
+  while (j < n && c % IO::kStep != 0) scalar();  // to a vector boundary of the row
   if (kStream && j < n && !op.aligned(k + j)) return j;
   V m[IO::kParts], s[IO::kParts], b[IO::kParts];
   for (int part = 0; part < IO::kParts; ++part) m[part] = b[part] = V(acc_t(0));
@@ -258,10 +261,7 @@ int64_t walk_rows(const Op& op, int64_t k, int64_t n, int64_t c, int64_t C,
     c += IO::kStep;
     if (c == C) c = 0;
   }
-  for (; j < n; ++j) {
-    op.scalar(k + j, param(mean, c), scale[c], param(shift, c));
-    c = c + 1 == C ? 0 : c + 1;
-  }
+  while (j < n) scalar();
   return n;
 }
 
