@@ -190,6 +190,9 @@ def configure():
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     opt = ["-O0", "-g"] if debug else ["-O3"]
     extra = {"cxx": opt + ["-Wall", "-Wno-unknown-pragmas"]}  # torch headers: #pragma unroll
+    if sys.platform != "win32":
+        # nothing reads errno: lets the per-channel sqrt of the scale vectorize
+        extra["cxx"].append("-fno-math-errno")
     link_args = []
     # at::parallel_for is inline code that follows torch's parallel backend: with OpenMP
     # (torch's Linux builds) it is a `#pragma omp parallel`, which a compiler without

@@ -80,6 +80,21 @@ def test_parallel_chunks_cpu(dtype, activation, layout):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("plane", [3, 8, 9, 15, 16, 17, 49])
+def test_plane_lengths_around_the_vector_width_cpu(dtype, activation, plane):
+    """Planes around the vector width (overlapping last vector, short planes) on three
+    threads: the fused op equals the unfused sequence, forward and backward."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        s = make_sample([-(-100_000 // (37 * plane)), 37, plane], dtype, "contiguous", seed=plane)
+        check_case(s, activation, with_residual=True)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", device_params())
 @given(data=st.data())
 def test_matches_unfused_sequence_property(device, data):

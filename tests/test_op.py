@@ -318,6 +318,19 @@ def test_parallel_chunks_cpu(cpu_threads, dtype, layout, shape):
     check_backward(s, scale)
 
 
+@pytest.mark.parametrize("cpu_threads", [1, 3], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("plane", [1, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 31, 33, 49, 255, 257])
+def test_plane_lengths_around_the_vector_width_cpu(cpu_threads, dtype, plane):
+    """NCHW-like planes shorter than, equal to and just past one or two vectors (4 doubles,
+    8 floats, 16 halves): the overlapping last vector of a plane, the element-by-element
+    short planes, and chunk edges inside planes all give every element exactly."""
+    s = make_sample([-(-100_000 // (37 * plane)), 37, plane], dtype, "contiguous", "typical",
+                    seed=plane)  # > 3 grains of 32768: split over the threads
+    _, scale = check_forward(s)
+    check_backward(s, scale)
+
+
 @pytest.mark.parametrize("cpu_threads", [3], indirect=True)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_streaming_stores_in_parallel_cpu(cpu_threads, layout):

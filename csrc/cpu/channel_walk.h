@@ -3,9 +3,11 @@
 //
 // A dense tensor is walked as its flat memory in runs: a run of one channel (the rest of an
 // NCHW-like plane: parameters broadcast) or of consecutive channels (the rest of a
-// channels-last row: parameters loaded as vectors). Planes shorter than kSmallPlane are
-// walked as one flat stream of full vectors whose lane groups blend the parameters of the
-// two channels they span, so short planes pay no per-plane remainder. An Op supplies
+// channels-last row: parameters loaded as vectors). Planes are walked plane by plane with
+// an overlapping last vector (walk_planes), except with streaming stores, which need
+// aligned outputs: then planes shorter than kSmallPlane are walked as one flat stream of
+// full vectors whose lane groups blend the parameters of the two channels they span, so
+// short planes pay no per-plane remainder. Outputs never alias inputs. An Op supplies
 //   template <bool kStream> void step(int64_t k, const V* mean, const V* scale, const V* shift)
 //     — Traits::kStep elements at flat offset k, parameters as Traits::kParts vectors;
 //   void scalar(int64_t k, acc_t mean, acc_t scale, acc_t shift)
@@ -142,9 +144,13 @@ inline acc_t round_to(acc_t v) {
   return static_cast<acc_t>(static_cast<scalar_t>(v));
 }
 
+// The walkers take the Op by value: its data pointers are then locals the compiler keeps
+// in registers. Through a reference they are reloaded after every vector store (the
+// intrinsics' stores may alias anything), which costs ~1.5x on cache-resident tensors.
+//
 // Walks one run [k, k + n): kContig — element k + j has channel c + j; otherwise all have c.
 template <bool kContig, bool kStream, typename Op>
-void walk_run(const Op& op, int64_t k, int64_t n, int64_t c, const typename Op::acc_t* mean,
+void walk_run(const Op op, int64_t k, int64_t n, int64_t c, const typename Op::acc_t* mean,
               const typename Op::acc_t* scale, const typename Op::acc_t* shift) {
   using IO = typename Op::IO;
   auto scalar = [&](int64_t j) {
@@ -184,9 +190,10 @@ void walk_run(const Op& op, int64_t k, int64_t n, int64_t c, const typename Op::
 // vectors, starting in channel c at position pos of its plane; a lane group spans at most
 // two planes, whose parameters are blended.
 template <bool kStream, typename Op>
-void walk_small_planes(const Op& op, int64_t k, int64_t n, int64_t c, int64_t pos, int64_t inner,
+void walk_small_planes(const Op op, int64_t k, int64_t n, int64_t c, int64_t pos, int64_t inner,
                        int64_t C, const typename Op::acc_t* mean, const typename Op::acc_t* scale,
                        const typename Op::acc_t* shift) {
+  using acc_t = typename Op::acc_t;
   using IO = typename Op::IO;
   using V = typename IO::AccVec;
   constexpr int64_t kLanes = V::size();
@@ -201,26 +208,22 @@ void walk_small_planes(const Op& op, int64_t k, int64_t n, int64_t c, int64_t po
     }
   };
   while (j < n && !op.aligned(k + j)) scalar();
+  // Branch-free: lanes [0, inner - pos) are in channel c, the rest (if any) in the next
+  // one, and the parameters are blended under that mask (a branch on where the plane
+  // ends, whose outcome cycles with the plane length, mispredicts on most steps).
+  const V lane = V::arange(acc_t(0), acc_t(1));
   V m[IO::kParts], s[IO::kParts], b[IO::kParts];
   for (; j + IO::kStep <= n; j += IO::kStep) {
     for (int part = 0; part < IO::kParts; ++part) {
-      const int64_t first = inner - pos;  // lanes [0, first) are in channel c
-      if (first > kLanes) {
-        m[part] = V(param(mean, c));
-        s[part] = V(scale[c]);
-        b[part] = V(param(shift, c));
-        pos += kLanes;
-      } else {
-        const int64_t c2 = next(c);
-        m[part] = V::set(V(param(mean, c2)), V(param(mean, c)), first);
-        s[part] = V::set(V(scale[c2]), V(scale[c]), first);
-        b[part] = V::set(V(param(shift, c2)), V(param(shift, c)), first);
-        pos = kLanes - first;
+      const int64_t c2 = next(c);
+      const V in_c = lane < V(static_cast<acc_t>(inner - pos));
+      m[part] = V::blendv(V(param(mean, c2)), V(param(mean, c)), in_c);
+      s[part] = V::blendv(V(scale[c2]), V(scale[c]), in_c);
+      b[part] = V::blendv(V(param(shift, c2)), V(param(shift, c)), in_c);
+      pos += kLanes;  // inner >= kLanes: a lane group ends at most one plane further
+      if (pos >= inner) {
+        pos -= inner;
         c = c2;
-        if (pos == inner) {  // only when inner == kLanes: the group ended with plane c2
-          pos = 0;
-          c = next(c);
-        }
       }
     }
     op.template step<kStream>(k + j, m, s, b);
@@ -228,12 +231,46 @@ void walk_small_planes(const Op& op, int64_t k, int64_t n, int64_t c, int64_t po
   while (j < n) scalar();
 }
 
+// Walks [k, k + n) plane by plane, starting in channel c at position pos of its plane,
+// without streaming stores: the parameters broadcast once per plane, each plane segment of
+// at least kStep elements as full vectors, the last one ending where the segment ends and
+// overlapping the one before (outputs never alias inputs, so the elements in the overlap
+// are written twice with the same values); shorter segments element by element. No
+// remainder loop and no per-vector parameter blending, whatever the plane length.
+template <typename Op>
+void walk_planes(const Op op, int64_t k, int64_t n, int64_t c, int64_t pos, int64_t inner,
+                 int64_t C, const typename Op::acc_t* mean, const typename Op::acc_t* scale,
+                 const typename Op::acc_t* shift) {
+  using IO = typename Op::IO;
+  using V = typename IO::AccVec;
+  V m[IO::kParts], s[IO::kParts], b[IO::kParts];
+  for (int64_t j = 0; j < n;) {
+    const int64_t len = std::min(inner - pos, n - j);
+    const V bm(param(mean, c)), bs(scale[c]), bb(param(shift, c));
+    for (int part = 0; part < IO::kParts; ++part) {
+      m[part] = bm;
+      s[part] = bs;
+      b[part] = bb;
+    }
+    if (len >= IO::kStep) {
+      int64_t i = 0;
+      for (; i + IO::kStep < len; i += IO::kStep) op.template step<false>(k + j + i, m, s, b);
+      op.template step<false>(k + j + len - IO::kStep, m, s, b);
+    } else {
+      for (int64_t i = 0; i < len; ++i) op.scalar(k + j + i, param(mean, c), scale[c], param(shift, c));
+    }
+    j += len;
+    pos = 0;
+    c = c + 1 == C ? 0 : c + 1;
+  }
+}
+
 // Walks [k, k + n) over whole channels-last rows of C channels (C a multiple of the vector
 // step), starting at channel c: one loop over the range, the parameters loaded as vectors at
 // the running channel, so short rows pay no per-row setup. Returns how far it got (the
 // caller walks the rest run by run: only when streaming stores find outputs misaligned).
 template <bool kStream, typename Op>
-int64_t walk_rows(const Op& op, int64_t k, int64_t n, int64_t c, int64_t C,
+int64_t walk_rows(const Op op, int64_t k, int64_t n, int64_t c, int64_t C,
                   const typename Op::acc_t* mean, const typename Op::acc_t* scale,
                   const typename Op::acc_t* shift) {
   using acc_t = typename Op::acc_t;
@@ -287,6 +324,10 @@ void walk_dense(const DenseProblem& p, const Op& op) {
         if (done == end - begin) return;
         begin += done;  // misaligned outputs: the rest run by run (below)
         c = begin % C;
+      }
+      if (!p.stream && inner >= IO::kStep) {
+        walk_planes(op, begin, end - begin, c, pos, inner, C, mean, scale, shift);
+        return;
       }
       if (inner >= IO::AccVec::size() && inner < kSmallPlane) {
         p.stream ? walk_small_planes<true>(op, begin, end - begin, c, pos, inner, C, mean, scale, shift)

@@ -15,6 +15,7 @@ using frozennorm::Activation;
 
 // Dense tensors with identical strides, seen as their flat memory: the channel of flat
 // offset k is (k / inner) % C. Parameters are C-element arrays of the compute dtype.
+// Outputs (out, extra) never alias the inputs: the loops may write an element twice.
 struct DenseProblem {
   const void* in;     // forward: the input; backward: grad_output
   void* out;          // forward: the output; backward: grad_input
