@@ -5,10 +5,11 @@
 
 1. ``convert_frozen_bn`` freezes the BatchNorm layers (here with made-up statistics, so that
    the checks below mean something without downloading weights).
-2. Training: ``fold_frozen_bn(model, "training")`` multiplies each conv's weight by its
-   BatchNorm's scale at every call (the weights stay trainable, the state dict is the
-   same), and ``fuse`` merges what is left of each BatchNorm (a per-channel shift) with
-   the ReLU, or the add and the ReLU, after it: one pass over memory instead of two or three.
+2. Training: ``fuse`` merges each BatchNorm with the ReLU, or the add and the ReLU, after
+   it: one pass over memory instead of two or three. ``fold_frozen_bn(model, "training")``
+   first folds the BatchNorms that have nothing to merge with (the downsample ones) into
+   their convs, which at each call either scale their weight or make one pass over their
+   output, whichever is smaller (the weights stay trainable, the state dict is the same).
 3. Inference: ``fold_frozen_bn(model)`` rewrites the weights once; the BatchNorm layers
    disappear.
 """

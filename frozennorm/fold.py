@@ -14,6 +14,11 @@ s``, so ``bn(conv(x, W, b)) = conv(x, W * s, b * s) + shift``.
   frozen statistics, under the same state dict keys, and applies only the shift
   (:class:`FoldedFrozenBatchNorm`). Both read the statistics at call time, so loading a
   checkpoint into the folded model updates the folding. State dicts load both ways.
+  ``policy="auto"`` (the default) folds only where that saves work: a BatchNorm that
+  :func:`~frozennorm.fuse` merges with its activation already costs no pass of its own,
+  while the others (a ResNet's downsample BatchNorm) fold whole and pick per call the
+  cheaper of scaling the weight and a pass over the output; ``policy="all"`` folds the
+  scale of every pair into its weight.
 
 The pairs are found by tracing with ``torch.fx`` (the conv's output must feed the
 BatchNorm and nothing else); the modules are replaced in place in the module tree, so the
@@ -34,17 +39,24 @@ from torch import Tensor, fx, nn
 
 from .act import FrozenBatchNormAct2d
 from .convert import FrozenNormWarning, is_frozen_batchnorm
-from .fuse import (LeafModules, SkippedLayer, TracedPart, UntraceableError,
-                   activation_of_module, call_counts, describe, has_hooks, join_path, only_user,
-                   prepare, traceable_parts)
+from .fuse import (FuseReport, LeafModules, SkippedLayer, TracedPart, UntraceableError,
+                   _Rewriter, activation_of_module, call_counts, describe, has_hooks, join_path,
+                   only_user, prepare, traceable_parts)
 from .modules import FrozenBatchNorm, FusedFrozenBatchNorm
-from .ops import ACTIVATIONS, channel_scale, compute_dtype, frozen_batch_norm_act
+from .ops import (ACTIVATIONS, channel_scale, compute_dtype, frozen_batch_norm,
+                  frozen_batch_norm_act)
 
 __all__ = ["fold_frozen_bn", "FoldReport", "FoldedPair", "FoldedFrozenBatchNorm",
            "FoldedFrozenBatchNormAct2d", "FoldedConv1d", "FoldedConv2d", "FoldedConv3d"]
 
 Mode = Literal["inference", "training"]
 Shift = Literal["conv_bias", "bn"]
+Policy = Literal["auto", "all"]
+
+
+def _capturing() -> bool:
+    """A graph is being captured (torch.compile/export, jit.trace): nothing is cached."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 # --------------------------------------------------------------------------------------
@@ -75,13 +87,17 @@ class FoldedFrozenBatchNorm(nn.Module):
     running_mean: Tensor
     running_var: Tensor
 
-    def __init__(self, source: nn.Module, activation: str = "identity") -> None:
+    def __init__(self, source: nn.Module, activation: str = "identity",
+                 conv_applies_shift: bool = False) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.num_features = int(source.running_mean.numel())
         self.eps = float(source.eps)
         self.activation = activation
+        #: The conv before applies the whole affine map, shift included (the pairs that
+        #: ``policy="auto"`` folds): only the residual and the activation are left here.
+        self.conv_applies_shift = conv_applies_shift
         for name, buf in source.named_buffers(recurse=False):
             self.register_buffer(name, buf,
                                  persistent=name not in source._non_persistent_buffers_set)
@@ -90,8 +106,9 @@ class FoldedFrozenBatchNorm(nn.Module):
     # FrozenBatchNorm's cast rule (statistics never below float32); it calls no super().
     _apply = FrozenBatchNorm._apply
 
-    def _constants(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(scale, mean * scale - bias, ones)`` in ``dtype``, from the buffers as they are.
+    def _constants(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(scale, mean * scale - bias, ones, zeros)`` in ``dtype``, from the buffers as
+        they are.
 
         Kept between calls while the buffers are the same tensors at the same version (an
         in-place update, ``load_state_dict``, ``.to()`` or DDP's buffer broadcast all
@@ -99,7 +116,7 @@ class FoldedFrozenBatchNorm(nn.Module):
         layer; recomputed on every call while a graph is captured.
         """
         buffers = (self.weight, self.bias, self.running_mean, self.running_var)
-        capturing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        capturing = _capturing()
         try:
             key = (dtype, self.eps) + tuple(b._version for b in buffers)
         except RuntimeError:  # inference tensors have no version counter
@@ -111,7 +128,7 @@ class FoldedFrozenBatchNorm(nn.Module):
         scale = channel_scale(self.weight, self.running_var, self.eps, dtype)
         # (input - (mean * scale - bias)) * 1: the shift, added with a single rounding
         neg_shift = self.running_mean.to(dtype) * scale - self.bias.to(dtype)
-        constants = (scale, neg_shift, torch.ones_like(neg_shift))
+        constants = (scale, neg_shift, torch.ones_like(neg_shift), torch.zeros_like(neg_shift))
         if not capturing:
             self.__dict__["_constants_cache"] = (key, buffers, constants)
         return constants
@@ -121,7 +138,12 @@ class FoldedFrozenBatchNorm(nn.Module):
         return self._constants(dtype)[0]
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        _, neg_shift, ones = self._constants(compute_dtype(input.dtype, self.running_mean.dtype))
+        if self.conv_applies_shift and self.activation == "identity" and residual is None:
+            return input
+        _, neg_shift, ones, zeros = self._constants(
+            compute_dtype(input.dtype, self.running_mean.dtype))
+        if self.conv_applies_shift:
+            neg_shift = zeros
         return frozen_batch_norm_act(input, neg_shift, ones, None, None, 0.0, self.activation,
                                      residual)
 
@@ -137,8 +159,9 @@ class FoldedFrozenBatchNorm(nn.Module):
                                       missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, activation={self.activation} "
-                f"(shift only: the scale is folded into the conv)")
+        folded = ("the affine map is folded into the conv" if self.conv_applies_shift
+                  else "shift only: the scale is folded into the conv")
+        return f"{self.num_features}, eps={self.eps}, activation={self.activation} ({folded})"
 
 
 class FoldedFrozenBatchNormAct2d(FoldedFrozenBatchNorm):
@@ -148,8 +171,8 @@ class FoldedFrozenBatchNormAct2d(FoldedFrozenBatchNorm):
 
     fusable_activation: ClassVar[bool] = False
 
-    def __init__(self, source: FrozenBatchNormAct2d) -> None:
-        super().__init__(source)
+    def __init__(self, source: FrozenBatchNormAct2d, conv_applies_shift: bool = False) -> None:
+        super().__init__(source, conv_applies_shift=conv_applies_shift)
         for name in source._modules:
             self.add_module(name, source._modules[name])
 
@@ -163,10 +186,40 @@ def _times_channel(t: Tensor, scale: Tensor) -> Tensor:
     return (t.to(scale.dtype) * view).to(t.dtype)
 
 
+def _output_numel(conv: nn.Module, input: Tensor) -> int:
+    """Elements of ``conv(input)``, from the shapes alone."""
+    dims = len(conv.kernel_size)
+    spatial = input.shape[input.dim() - dims:]
+    numel_in = 1
+    for size in spatial:
+        numel_in *= size
+    numel = input.numel() // max(conv.in_channels * numel_in, 1) * conv.out_channels
+    for i, size in enumerate(spatial):
+        if conv.padding == "same":
+            numel *= size
+            continue
+        pad = 0 if conv.padding == "valid" else conv.padding[i]
+        extent = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+        numel *= max((size + 2 * pad - extent) // conv.stride[i] + 1, 0)
+    return numel
+
+
 class _FoldedConv:
     """A convolution that uses ``weight * s`` (and ``bias * s``) at each call, ``s`` read
     from its :class:`FoldedFrozenBatchNorm` (a plain attribute, not a submodule: the
-    BatchNorm stays where it was in the module tree)."""
+    BatchNorm stays where it was in the module tree).
+
+    With ``fold_shift`` (the pairs ``policy="auto"`` folds) it applies the BatchNorm's whole
+    affine map, and at each call takes the cheaper way: the scaled weight with the shift
+    as the conv's bias, when the weight has no more elements than the conv's output (or
+    needs no gradient, see below), else the conv with its own weight followed by the
+    frozen BatchNorm op on the output (the unfolded computation). Either way one pass over
+    weight-sized or output-sized memory forward, and one backward, instead of both.
+
+    While no gradient reaches the weight (frozen convs, ``no_grad`` evaluation) the scaled
+    weight and bias are kept between calls, recomputed when the weight, bias or the
+    BatchNorm's buffers change (an optimizer step, ``load_state_dict``, ``.to()``).
+    """
 
     weight: Tensor
     bias: Optional[Tensor]
@@ -174,15 +227,63 @@ class _FoldedConv:
     #: qualified name of the BatchNorm, for printing
     folded_bn_name: str
     _folded_bn: FoldedFrozenBatchNorm
+    #: also add the BatchNorm's shift (through the bias), choosing per call (see above)
+    fold_shift: bool = False
 
     def forward(self, input: Tensor) -> Tensor:
         bn = self._folded_bn
-        s = bn.scale(compute_dtype(self.weight.dtype, bn.running_var.dtype))
-        bias = None if self.bias is None else _times_channel(self.bias, s)
-        return self._conv_forward(input, _times_channel(self.weight, s), bias)
+        if self.fold_shift and not self._scale_weight(input):
+            out = self._conv_forward(input, self.weight, self.bias)
+            return frozen_batch_norm(out, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                     bn.eps)
+        weight, bias = self._folded_parameters(bn)
+        return self._conv_forward(input, weight, bias)
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and (
+            self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
+
+    def _scale_weight(self, input: Tensor) -> bool:
+        """Whether scaling the weight costs less than a pass over the conv's output."""
+        return not self._needs_grad() or self.weight.numel() <= _output_numel(self, input)
+
+    def _folded_parameters(self, bn: FoldedFrozenBatchNorm) -> Tuple[Tensor, Optional[Tensor]]:
+        """``W * s`` and ``b * s`` (``+ shift`` with ``fold_shift``), kept between calls
+        while nothing needs their gradient."""
+        dtype = compute_dtype(self.weight.dtype, bn.running_var.dtype)
+        constants = bn._constants(dtype)
+        sources = (self.weight, self.bias)
+        keep = not self._needs_grad() and not _capturing()
+        key = None
+        if keep:
+            try:
+                key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None
+                            else None for t in sources)
+            except RuntimeError:  # inference tensors have no version counter
+                keep = False
+        cache = self.__dict__.get("_folded_cache")
+        if (keep and cache is not None and cache[0] == key and cache[1] is constants
+                and all(a is b for a, b in zip(cache[2], sources))):
+            return cache[3]
+        scale, neg_shift = constants[0], constants[1]
+        weight = _times_channel(self.weight, scale)
+        bias = None if self.bias is None else _times_channel(self.bias, scale)
+        if self.fold_shift:
+            # (b - mean) * s + beta = b * s - (mean * s - beta), in the compute dtype
+            b = -neg_shift if self.bias is None else self.bias.to(dtype) * scale - neg_shift
+            bias = b.to(self.weight.dtype)
+        if keep:
+            self.__dict__["_folded_cache"] = (key, constants, sources, (weight, bias))
+        return weight, bias
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_folded_cache", None)  # tensors derived from the parameters: not state
+        return state
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, folded_bn={self.folded_bn_name}"  # type: ignore[misc]
+        what = "affine map" if self.fold_shift else "scale"
+        return f"{super().extra_repr()}, folded_bn={self.folded_bn_name} ({what})"  # type: ignore[misc]
 
 
 class FoldedConv1d(_FoldedConv, nn.Conv1d):
@@ -273,19 +374,28 @@ def _why_not(bn_node: fx.Node, modules: Dict[str, nn.Module], calls: Dict[str, i
     return None
 
 
-def _find_pairs(part: TracedPart, report: FoldReport, seen: Set[int]) -> List[Tuple[str, str]]:
-    """The (conv, bn) names to fold in ``part``; adds the frozen BatchNorm layers its graph
-    calls to ``seen``."""
+def _find_pairs(part: TracedPart, report: FoldReport, seen: Set[int], auto: bool
+                ) -> List[Tuple[str, str, bool]]:
+    """The (conv, bn, whole map) to fold in ``part``; adds the frozen BatchNorm layers its
+    graph calls to ``seen``. ``auto``: a BatchNorm that computes, or that :func:`fuse`
+    would make compute, an add or activation in its pass is left as it is; the others fold
+    whole (scale and shift)."""
     modules = dict(part.module.named_modules())
     calls = call_counts(part.graph)
+    fusion = _Rewriter(part.module, part.graph, part.path, FuseReport()) if auto else None
     pairs = []
     for node in part.graph.nodes:
         if node.op != "call_module" or not is_frozen_batchnorm(modules[node.target]):
             continue
         seen.add(id(modules[node.target]))
         reason = _why_not(node, modules, calls, part.path)
+        # asked of every BatchNorm in graph order, as fuse() meets them
+        tail = fusion.fusable_tail(node) if fusion is not None else None
+        if tail and reason is None:
+            reason = (f"its pass also computes {tail} (with fuse()): folding would add a "
+                      f"pass over the weight and remove none (policy='auto')")
         if reason is None:
-            pairs.append((node.args[0].target, node.target))
+            pairs.append((node.args[0].target, node.target, auto))
         else:
             report.unfolded.append(SkippedLayer(describe(node, part.path), reason))
     return pairs
@@ -347,22 +457,23 @@ def _inference_pair(conv: nn.Module, bn: nn.Module, shift_to: Shift
     return _rebuild_conv(conv, type(conv), w, None), _shift_only(bn, shift)
 
 
-def _training_bn(bn: nn.Module) -> FoldedFrozenBatchNorm:
+def _training_bn(bn: nn.Module, whole: bool) -> FoldedFrozenBatchNorm:
     if isinstance(bn, FusedFrozenBatchNorm):
-        return FoldedFrozenBatchNorm(bn, bn.activation)
+        return FoldedFrozenBatchNorm(bn, bn.activation, whole)
     if isinstance(bn, FrozenBatchNormAct2d):
         act = activation_of_module(bn.act)
         if act is None or activation_of_module(bn.drop) != "identity":
-            return FoldedFrozenBatchNormAct2d(bn)
-        return FoldedFrozenBatchNorm(bn, act)
-    return FoldedFrozenBatchNorm(bn)
+            return FoldedFrozenBatchNormAct2d(bn, whole)
+        return FoldedFrozenBatchNorm(bn, act, whole)
+    return FoldedFrozenBatchNorm(bn, conv_applies_shift=whole)
 
 
-def _training_pair(conv: nn.Module, bn: nn.Module, bn_name: str
+def _training_pair(conv: nn.Module, bn: nn.Module, bn_name: str, whole: bool
                    ) -> Tuple[nn.Module, nn.Module]:
-    folded_bn = _training_bn(bn)
+    folded_bn = _training_bn(bn, whole)
     folded = _rebuild_conv(conv, _FOLDED_CONV[type(conv)], conv.weight, conv.bias)
     folded.folded_bn_name = bn_name
+    folded.fold_shift = whole
     folded.__dict__["_folded_bn"] = folded_bn  # not a submodule: no second state dict entry
     return folded, folded_bn
 
@@ -371,14 +482,14 @@ def _training_pair(conv: nn.Module, bn: nn.Module, bn_name: str
 # fold_frozen_bn
 # --------------------------------------------------------------------------------------
 
-def _fold_part(part: TracedPart, pairs: List[Tuple[str, str]], mode: Mode, shift: Shift,
-               report: FoldReport) -> None:
-    for conv_name, bn_name in pairs:
+def _fold_part(part: TracedPart, pairs: List[Tuple[str, str, bool]], mode: Mode,
+               shift: Shift, report: FoldReport) -> None:
+    for conv_name, bn_name, whole in pairs:
         conv = part.module.get_submodule(conv_name)
         bn = part.module.get_submodule(bn_name)
         full_bn = join_path(part.path, bn_name)
         if mode == "training":
-            new_conv, new_bn = _training_pair(conv, bn, full_bn)
+            new_conv, new_bn = _training_pair(conv, bn, full_bn, whole)
         else:
             new_conv, new_bn = _inference_pair(conv, bn, shift)
         part.module.set_submodule(conv_name, new_conv)
@@ -404,20 +515,20 @@ def _not_seen(root: nn.Module, parts: List[TracedPart], seen: Set[int]
 
 @overload
 def fold_frozen_bn(module: nn.Module, mode: Mode = ..., *, shift: Optional[Shift] = ...,
-                   inplace: bool = ..., leaf_modules: LeafModules = ...,
+                   policy: Policy = ..., inplace: bool = ..., leaf_modules: LeafModules = ...,
                    tracer_class: Type[fx.Tracer] = ..., report: Literal[False] = ...
                    ) -> nn.Module: ...
 
 
 @overload
 def fold_frozen_bn(module: nn.Module, mode: Mode = ..., *, shift: Optional[Shift] = ...,
-                   inplace: bool = ..., leaf_modules: LeafModules = ...,
+                   policy: Policy = ..., inplace: bool = ..., leaf_modules: LeafModules = ...,
                    tracer_class: Type[fx.Tracer] = ..., report: Literal[True]
                    ) -> Tuple[nn.Module, FoldReport]: ...
 
 
 def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
-                   shift: Optional[Shift] = None, inplace: bool = False,
+                   shift: Optional[Shift] = None, policy: Policy = "auto", inplace: bool = False,
                    leaf_modules: LeafModules = (), tracer_class: Type[fx.Tracer] = fx.Tracer,
                    report: bool = False) -> Union[nn.Module, Tuple[nn.Module, FoldReport]]:
     """Fold every ``conv -> frozen BatchNorm`` pair of ``module`` into the convolution.
@@ -434,12 +545,23 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
             computed in float64, cast to the conv's dtype); the BatchNorm disappears (its
             state dict keys with it, and the conv gains a ``bias``). ``"training"``: the
             conv keeps ``weight``/``bias`` as its trainable parameters and uses ``W * s``
-            at each call; the BatchNorm's place keeps the frozen statistics and applies the
-            shift. Gradients, state dict keys and values are the unfolded model's.
+            at each call; the BatchNorm's place keeps the frozen statistics. Gradients,
+            state dict keys and values are the unfolded model's (see ``policy``).
         shift: where the per-channel shift goes in inference mode: ``"conv_bias"`` (the
             default) or ``"bn"``, a shift-only frozen BatchNorm at the BatchNorm's place
             that :func:`fuse` merges with the next activation (on GPUs, a conv bias costs
             its own pass). Training mode always keeps it at the BatchNorm's place.
+        policy: which pairs a training-mode fold folds (inference mode folds every pair).
+            ``"auto"``: those where folding saves work. A BatchNorm that computes an
+            activation or a residual add in its own pass, or that :func:`fuse` will make
+            compute one (``BN -> ReLU``, ``BN -> add -> ReLU``), costs no pass over memory
+            beyond the activation's, which folding would not remove, and stays as it is;
+            the report says so. The other pairs fold whole, the shift into the conv's
+            bias, and each call picks the cheaper of scaling the weight and one pass over
+            the conv's output (:class:`FoldedConv2d`), so the BatchNorm costs at most the
+            smaller of the two. ``"all"``: every pair, the scale always in the weight and
+            the shift at the BatchNorm's place (e.g. for quantization-aware training,
+            where the conv must see ``W * s``).
         inplace: change ``module`` itself (and return it); the default folds a deep copy.
         leaf_modules, tracer_class: as in :func:`fuse`.
         report: also return a :class:`FoldReport`.
@@ -454,6 +576,8 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
         raise ValueError(f"mode must be 'inference' or 'training', got {mode!r}")
     if shift not in (None, "conv_bias", "bn"):
         raise ValueError(f"shift must be 'conv_bias' or 'bn', got {shift!r}")
+    if policy not in ("auto", "all"):
+        raise ValueError(f"policy must be 'auto' or 'all', got {policy!r}")
     if mode == "training" and shift == "conv_bias":
         raise ValueError("fold_frozen_bn(mode='training') keeps the shift at the BatchNorm's "
                          "place, which holds the statistics: shift='conv_bias' is for inference")
@@ -461,7 +585,8 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
     rep = FoldReport(mode)
     parts, rep.untraced = traceable_parts(root, "", "fold_frozen_bn", leaf_modules, tracer_class)
     seen: Set[int] = set()
-    pairs = [_find_pairs(part, rep, seen) for part in parts]
+    auto = mode == "training" and policy == "auto"
+    pairs = [_find_pairs(part, rep, seen, auto) for part in parts]
     skipped, missed = _not_seen(root, parts, seen)
     rep.unfolded += skipped
     for part, part_pairs in zip(parts, pairs):

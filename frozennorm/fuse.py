@@ -23,8 +23,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from typing import (Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union,
-                    overload)
+from typing import (Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple, Type,
+                    Union, overload)
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +288,7 @@ class _Rewriter:
         self.root, self.graph, self.prefix, self.report = root, graph, prefix, report
         self.modules = dict(root.named_modules())
         self.calls = call_counts(graph)
+        self.claimed: Set[fx.Node] = set()  # fusable_tail: nodes an earlier BN would take
 
     def _skip_identities(self, value: fx.Node) -> Tuple[fx.Node, List[fx.Node]]:
         passed: List[fx.Node] = []
@@ -361,6 +362,25 @@ class _Rewriter:
         if not removed:
             return self._unfused(node, self._why_alone(node))
         self._rewrite(node, module, kind, activation, residual, removed)
+
+    def fusable_tail(self, node: fx.Node) -> Optional[str]:
+        """What the frozen BatchNorm at ``node`` computes, or would compute once fused,
+        beyond the affine map in the same pass ("relu", "add", "add -> silu", ...); None
+        when nothing: it makes a pass over memory of its own. Changes nothing in the graph;
+        asked of the BatchNorm nodes in graph order, it gives what :meth:`run` would do
+        (an add two BatchNorms could take goes to the first)."""
+        kind, activation = _kind(self.modules[node.target])
+        if kind is None or self.calls[node.target] > 1 or not node.args:
+            return None
+        has_residual = len(node.args) > 1
+        if activation == "identity" and not has_residual:
+            activation, residual, removed = self._chain(node, None)
+            if not removed or self.claimed.intersection(removed):
+                return None
+            self.claimed.update(removed)
+            has_residual = residual is not None
+        steps = (["add"] if has_residual else []) + ([activation] if activation != "identity" else [])
+        return " -> ".join(steps)
 
     def _why_alone(self, node: fx.Node) -> str:
         users = list(node.users)
