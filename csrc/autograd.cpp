@@ -70,11 +70,13 @@ class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
       ctx->save_for_backward({scale});
     }
     ctx->mark_non_differentiable({scale});
+    ctx->set_materialize_grads(false);  // no zeros for the scale's (never used) gradient
     return {out, scale};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return variable_list(6);  // the output took no part in the loss
     const auto saved = ctx->get_saved_variables();
     const bool need_input = ctx->needs_input_grad(0);
     if (!ctx->saved_data["stats_grad"].toBool()) {
@@ -115,10 +117,12 @@ class FrozenBNBackwardFunction : public torch::autograd::Function<FrozenBNBackwa
                                const at::Tensor& scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({scale, scale.requires_grad() ? grad_output : at::Tensor()});
+    ctx->set_materialize_grads(false);
     return {call_backward(grad_output, scale)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(2);
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &scale = saved[0], &grad_output = saved[1];
     at::Tensor grad_grad_output, grad_scale;
@@ -173,6 +177,7 @@ class FrozenBNActFunction : public torch::autograd::Function<FrozenBNActFunction
     const bool identity = activation == static_cast<int64_t>(Activation::kIdentity);
     ctx->save_for_backward({scale, identity ? at::Tensor() : (silu ? preact : out)});
     ctx->mark_non_differentiable({scale, preact});
+    ctx->set_materialize_grads(false);  // no zeros for the gradients of scale and preact
     return {out, scale, preact};
   }
 
@@ -183,6 +188,7 @@ class FrozenBNActFunction : public torch::autograd::Function<FrozenBNActFunction
                 "frozen_bn_act does not support double backward; use frozen_bn followed by the "
                 "activation where second derivatives are needed");
     variable_list out(9);
+    if (!grads[0].defined()) return out;  // the output took no part in the loss
     const bool need_residual = ctx->needs_input_grad(1);
     if (activation == static_cast<int64_t>(Activation::kIdentity)) {
       if (ctx->needs_input_grad(0)) out[0] = call_backward(grads[0], saved[0]);

@@ -193,3 +193,31 @@ class TestActErrors:
         y = frozen_batch_norm_act(x, s.mean, s.var, activation="silu")
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("op", ["frozen_bn", "frozen_bn_act"])
+def test_backward_runs_one_op_and_allocates_no_zeros(op):
+    """The backward of either op is one call of its backward op: the unused gradients of
+    the extra outputs (scale, pre-activation) are not materialized as zeros."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    s = make_sample([2, 16, 8, 8], torch.float32, seed=2)
+    x = s.x.detach().requires_grad_()
+    if op == "frozen_bn":
+        y = frozen_batch_norm(x, s.mean, s.var, s.weight, s.bias, s.eps)
+    else:
+        y = frozen_batch_norm_act(x, s.mean, s.var, s.weight, s.bias, s.eps, "relu")
+    grad = torch.randn_like(y)
+    with Record() as rec:
+        y.backward(grad)
+    ops = [o for o in rec.ops if o != "aten.detach"]  # AccumulateGrad's, into x.grad
+    assert ops == [f"frozennorm.{op}_backward"], rec.ops
