@@ -81,6 +81,8 @@ class FoldedFrozenBatchNorm(nn.Module):
 
     #: fuse() may set ``activation``; forward takes ``(input, residual=None)``.
     fusable_activation: ClassVar[bool] = True
+    #: (class default: modules pickled before the attribute existed apply the shift)
+    conv_applies_shift: bool = False
 
     weight: Tensor
     bias: Tensor

@@ -94,6 +94,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         }
 
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        # both ranks done with every collective before either tears gloo down (a rank that
+        # closed its connections while the other was still finishing aborted it, once)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
