@@ -1,5 +1,7 @@
 """``python -m frozennorm.bench``: a smoke run for a handful of iterations, asserting the
 structure of what it reports, never its speed."""
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -30,8 +32,10 @@ def cpu_run(tmp_path_factory):
         for name in ("synchronize", "Event", "max_memory_allocated", "memory_allocated",
                      "reset_peak_memory_stats", "get_device_properties", "get_device_name"):
             mp.setattr(torch.cuda, name, _forbidden)
-        rc = frozennorm.bench.main(SMOKE + ["--device", "cpu", "--out", str(out)])
-    assert rc == 0
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = frozennorm.bench.main(SMOKE + ["--device", "cpu", "--out", str(out)])
+    assert rc == 0, err.getvalue()[-4000:]  # main prints the error it returns 2 for
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -44,7 +48,8 @@ def test_results_json(cpu_run):
     assert meta["device"] == "cpu"
     rows = doc["op_level"]
     assert {(r["mode"], r["contender"]) for r in rows} == {
-        (m, c) for m in cases.MODES for c in CONTENDERS}
+        (m, c) for m in cases.MODES for c in CONTENDERS}, [
+        (r["mode"], r["contender"], r["status"], r.get("error")) for r in rows]
     by = {(r["mode"], r["contender"]): r for r in rows}
     for mode in cases.MODES:
         for name in ("clone", "frozennorm", "bn_eval", "torchvision", "detectron2"):
