@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu_check.sh [OUT]        (default OUT: benchmarks/results/gpu)
 #
 # OUT receives gpu_check.log (device, driver, versions, build, tests, sanitizer) and the
-# benchmark's results.json / results.md / plots under OUT/bench.
+# benchmark's results.json / results.md / plots under OUT/bench (op level + R50-FPN end to
+# end), OUT/bench_resnet50 (ResNet-50 body end to end) and OUT/bench_compiled (training
+# steps against torch.compile, both models).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu}
@@ -37,6 +39,15 @@ compute-sanitizer --tool racecheck --error-exitcode 9 python benchmarks/cuda_ker
 
 step "benchmark"
 python -m frozennorm.bench --device cuda --out "$OUT/bench" || status=1
+# (separate runs, so that what finished is written even if the time runs out later)
+step "benchmark: end to end, ResNet-50 body"
+python -m frozennorm.bench --device cuda --e2e-only --e2e-model resnet50 \
+    --out "$OUT/bench_resnet50" || status=1
+step "benchmark: end to end against torch.compile (training, float32)"
+python -m frozennorm.bench --device cuda --e2e-only --e2e-model fpn,resnet50 \
+    --e2e-mode training --e2e-dtype float32 \
+    --e2e-variants torchvision,frozennorm_fold,compiled_tv,compiled_frozennorm,identity \
+    --out "$OUT/bench_compiled" || status=1
 
 step "done: status $status"
 exit $status
