@@ -6,10 +6,11 @@
 1. ``convert_frozen_bn`` freezes the BatchNorm layers (here with made-up statistics, so that
    the checks below mean something without downloading weights).
 2. Training: ``fuse`` merges each BatchNorm with the ReLU, or the add and the ReLU, after
-   it: one pass over memory instead of two or three. ``fold_frozen_bn(model, "training")``
-   first folds the BatchNorms that have nothing to merge with (the downsample ones) into
-   their convs, which at each call either scale their weight or make one pass over their
-   output, whichever is smaller (the weights stay trainable, the state dict is the same).
+   it: one pass over memory instead of two or three.
+   ``fold_frozen_bn(model, "training", policy="auto")`` first folds the BatchNorms that
+   have nothing to merge with (the downsample ones) into their convs, which at each call
+   either scale their weight or make one pass over their output, whichever is smaller (the
+   weights stay trainable, the state dict is the same).
 3. Inference: ``fold_frozen_bn(model)`` rewrites the weights once; the BatchNorm layers
    disappear.
 """
@@ -68,7 +69,8 @@ def main() -> None:
     model = frozennorm.convert_frozen_bn(model).to(args.device).train()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
 
-    folded, fold_report = frozennorm.fold_frozen_bn(model, "training", report=True)
+    folded, fold_report = frozennorm.fold_frozen_bn(model, "training", policy="auto",
+                                                    report=True)
     trained, fuse_report = frozennorm.fuse(folded, report=True)
     print(fold_report, fuse_report, sep="\n")
     assert list(trained.state_dict()) == list(model.state_dict())  # checkpoints: unchanged

@@ -14,11 +14,10 @@ s``, so ``bn(conv(x, W, b)) = conv(x, W * s, b * s) + shift``.
   frozen statistics, under the same state dict keys, and applies only the shift
   (:class:`FoldedFrozenBatchNorm`). Both read the statistics at call time, so loading a
   checkpoint into the folded model updates the folding. State dicts load both ways.
-  ``policy="auto"`` (the default) folds only where that saves work: a BatchNorm that
-  :func:`~frozennorm.fuse` merges with its activation already costs no pass of its own,
-  while the others (a ResNet's downsample BatchNorm) fold whole and pick per call the
-  cheaper of scaling the weight and a pass over the output; ``policy="all"`` folds the
-  scale of every pair into its weight.
+  That is ``policy="all"`` (the default). ``policy="auto"`` folds only where that saves
+  work: a BatchNorm that :func:`~frozennorm.fuse` merges with its activation already
+  costs no pass of its own, while the others (a ResNet's downsample BatchNorm) fold whole
+  and pick per call the cheaper of scaling the weight and a pass over the output.
 
 The pairs are found by tracing with ``torch.fx`` (the conv's output must feed the
 BatchNorm and nothing else); the modules are replaced in place in the module tree, so the
@@ -530,7 +529,7 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = ..., *, shift: Optional[Shift
 
 
 def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
-                   shift: Optional[Shift] = None, policy: Policy = "auto", inplace: bool = False,
+                   shift: Optional[Shift] = None, policy: Policy = "all", inplace: bool = False,
                    leaf_modules: LeafModules = (), tracer_class: Type[fx.Tracer] = fx.Tracer,
                    report: bool = False) -> Union[nn.Module, Tuple[nn.Module, FoldReport]]:
     """Fold every ``conv -> frozen BatchNorm`` pair of ``module`` into the convolution.
@@ -554,16 +553,17 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
             that :func:`fuse` merges with the next activation (on GPUs, a conv bias costs
             its own pass). Training mode always keeps it at the BatchNorm's place.
         policy: which pairs a training-mode fold folds (inference mode folds every pair).
-            ``"auto"``: those where folding saves work. A BatchNorm that computes an
+            ``"all"`` (the default): every pair, the scale always in the weight and the
+            shift at the BatchNorm's place (what quantization-aware training wants: the
+            conv sees ``W * s``). ``"auto"``, the fastest with :func:`fuse`: only the pairs
+            where folding saves work. A BatchNorm that computes an
             activation or a residual add in its own pass, or that :func:`fuse` will make
             compute one (``BN -> ReLU``, ``BN -> add -> ReLU``), costs no pass over memory
             beyond the activation's, which folding would not remove, and stays as it is;
             the report says so. The other pairs fold whole, the shift into the conv's
             bias, and each call picks the cheaper of scaling the weight and one pass over
             the conv's output (:class:`FoldedConv2d`), so the BatchNorm costs at most the
-            smaller of the two. ``"all"``: every pair, the scale always in the weight and
-            the shift at the BatchNorm's place (e.g. for quantization-aware training,
-            where the conv must see ``W * s``).
+            smaller of the two.
         inplace: change ``module`` itself (and return it); the default folds a deep copy.
         leaf_modules, tracer_class: as in :func:`fuse`.
         report: also return a :class:`FoldReport`.
@@ -572,7 +572,7 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
 
         model = frozennorm.convert_frozen_bn(torchvision.models.resnet50(weights="DEFAULT"))
         deploy = frozennorm.fold_frozen_bn(model.eval())               # inference
-        train = frozennorm.fuse(frozennorm.fold_frozen_bn(model, "training"))
+        train = frozennorm.fuse(frozennorm.fold_frozen_bn(model, "training", policy="auto"))
     """
     if mode not in ("inference", "training"):
         raise ValueError(f"mode must be 'inference' or 'training', got {mode!r}")

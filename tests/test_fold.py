@@ -67,7 +67,7 @@ def check_state_dict(model, folded):
 
 def test_resnet18_training_fold_keeps_checkpoints():
     model = frozen(tvm.resnet18())
-    folded, rep = fold_frozen_bn(model, "training", policy="all", report=True)
+    folded, rep = fold_frozen_bn(model, "training", report=True)  # default policy="all"
     assert len(rep.folded) == 20 and rep.unfolded == [] and rep.untraced == []
     assert rep.folded[0].conv == "conv1" and rep.folded[0].bn == "bn1"
     assert type(folded.conv1) is FoldedConv2d and type(folded.bn1) is FoldedFrozenBatchNorm
@@ -104,7 +104,7 @@ def test_resnet50_inference_and_training_with_fuse():
 
     # policy="auto": the 49 BatchNorms fuse merges with a ReLU (or add + ReLU) stay for
     # fuse; the four downsample BatchNorms, alone in their pass, fold whole
-    folded, rep = fold_frozen_bn(model, "training", report=True)
+    folded, rep = fold_frozen_bn(model, "training", policy="auto", report=True)
     assert [p.bn for p in rep.folded] == [f"layer{i}.0.downsample.1" for i in range(1, 5)]
     assert len(rep.unfolded) == 49
     assert all("computes relu" in s.reason or "computes add -> relu" in s.reason
@@ -133,8 +133,8 @@ def test_detection_model():
     # the detector's own forward does not trace: its traceable parts are folded
     with warnings.catch_warnings():
         warnings.simplefilter("error", FrozenNormWarning)
-        folded, rep = fold_frozen_bn(det, "training", report=True)
-    assert len(rep.folded) == 4 and len(rep.unfolded) == 49  # policy="auto": see above
+        folded, rep = fold_frozen_bn(det, "training", policy="auto", report=True)
+    assert len(rep.folded) == 4 and len(rep.unfolded) == 49  # see test_resnet50_...
     assert [(e.path, e.module_type) for e in rep.untraced] == [("", "FasterRCNN")]
     assert all(p.conv.startswith("backbone.body.") for p in rep.folded)
     folded, frep = fuse(folded, submodule="backbone.body", report=True)
@@ -153,7 +153,7 @@ def test_timm_models():
         check_state_dict(model, folded)
         check_close(model, fuse(folded), x)
         # auto: the BN+activation layers stay (fused), the projections fold whole
-        auto, rep = fold_frozen_bn(model, "training", report=True)
+        auto, rep = fold_frozen_bn(model, "training", policy="auto", report=True)
         assert 0 < len(rep.folded) < n_pairs and len(rep.folded) + len(rep.unfolded) == n_pairs
         assert all(not isinstance(m, FoldedFrozenBatchNorm) or m.conv_applies_shift
                    for m in auto.modules())
@@ -238,7 +238,7 @@ def test_fold_after_fuse():
     check_state_dict(model, folded)
     check_close(model, folded, SMALL)
     # auto: the fused BatchNorms (ReLU, add + ReLU) stay, the three downsample ones fold
-    folded, rep = fold_frozen_bn(fused, "training", report=True)
+    folded, rep = fold_frozen_bn(fused, "training", policy="auto", report=True)
     assert [p.bn for p in rep.folded] == [f"layer{i}.0.downsample.1" for i in range(2, 5)]
     assert type(folded.layer1[0].bn2) is FusedFrozenBatchNorm
     check_state_dict(model, folded)
@@ -350,7 +350,7 @@ def test_auto_picks_the_cheaper_way_per_call():
     model = frozen(Wide())
     for p in model.parameters():
         nn.init.normal_(p, std=0.1)
-    folded, rep = fold_frozen_bn(model, "training", report=True)
+    folded, rep = fold_frozen_bn(model, "training", policy="auto", report=True)
     assert [p.bn for p in rep.folded] == ["bn_big", "bn_small"]
     assert type(folded.bn_big) is FoldedFrozenBatchNorm and folded.bn_big.conv_applies_shift
     for shape, scaled in (((2, 128, 12, 12), True), ((1, 128, 4, 4), False)):
@@ -367,7 +367,7 @@ def test_auto_picks_the_cheaper_way_per_call():
 
 def test_scaled_weight_is_kept_while_nothing_changes():
     model = frozen(Wide())
-    folded = fold_frozen_bn(model, "training")
+    folded = fold_frozen_bn(model, "training", policy="auto")
     conv, bn = folded.big, folded.bn_big
     x = torch.randn(1, 128, 4, 4)
 

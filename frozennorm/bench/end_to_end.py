@@ -129,7 +129,7 @@ def make_variant(base: nn.Module, variant: str, mode: str = "training",
     if variant in ("frozennorm", "compiled_frozennorm", "frozennorm_fold"):
         model = convert_frozen_bn(model, strict=True)  # the library's own converter
         if variant == "frozennorm_fold":
-            model = fold_frozen_bn(model, mode, inplace=True)
+            model = fold_frozen_bn(model, mode, policy="auto", inplace=True)
             model = fuse(model, inplace=True) if mode == "training" else model
     else:
         make = {"torchvision": torchvision_frozen, "compiled_tv": torchvision_frozen,
