@@ -284,7 +284,8 @@ class _FoldedConv:
 
     def extra_repr(self) -> str:
         what = "affine map" if self.fold_shift else "scale"
-        return f"{super().extra_repr()}, folded_bn={self.folded_bn_name} ({what})"  # type: ignore[misc]
+        base = super().extra_repr()  # type: ignore[misc]
+        return f"{base}, folded_bn={self.folded_bn_name} ({what})"
 
 
 class FoldedConv1d(_FoldedConv, nn.Conv1d):

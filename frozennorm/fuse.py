@@ -379,7 +379,9 @@ class _Rewriter:
                 return None
             self.claimed.update(removed)
             has_residual = residual is not None
-        steps = (["add"] if has_residual else []) + ([activation] if activation != "identity" else [])
+        steps = ["add"] if has_residual else []
+        if activation != "identity":
+            steps.append(activation)
         return " -> ".join(steps)
 
     def _why_alone(self, node: fx.Node) -> str:
