@@ -31,7 +31,7 @@ import copy
 import dataclasses
 import warnings
 from typing import (Callable, ClassVar, Dict, List, Literal, Optional, Set, Tuple, Type,
-                    Union, overload)
+                    TypeVar, Union, overload)
 
 import torch
 from torch import Tensor, fx, nn
@@ -56,6 +56,32 @@ Policy = Literal["auto", "all"]
 def _capturing() -> bool:
     """A graph is being captured (torch.compile/export, jit.trace): nothing is cached."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+_T = TypeVar("_T")
+
+
+def _kept(owner: nn.Module, slot: str, sources: Tuple[Optional[Tensor], ...], key: tuple,
+          compute: Callable[[], _T], keep: bool = True) -> _T:
+    """``compute()``, kept in ``owner.__dict__[slot]`` between calls while ``sources`` are
+    the same tensors, unchanged (storage, version, dtype, device: an in-place update,
+    ``load_state_dict``, ``.to()`` or DDP's buffer broadcast all invalidate it) and ``key``
+    is equal; computed afresh at every call when ``keep`` is false or a graph is captured."""
+    keep = keep and not _capturing()
+    if keep:
+        try:
+            key = key + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+                              for t in sources)
+        except RuntimeError:  # inference tensors have no version counter
+            keep = False
+    cache = owner.__dict__.get(slot)
+    if (keep and cache is not None and cache[0] == key
+            and all(a is b for a, b in zip(cache[1], sources))):
+        return cache[2]
+    value = compute()
+    if keep:
+        owner.__dict__[slot] = (key, sources, value)
+    return value
 
 
 # --------------------------------------------------------------------------------------
@@ -116,23 +142,14 @@ class FoldedFrozenBatchNorm(nn.Module):
         invalidate it), so a training step does not relaunch these per-channel ops for every
         layer; recomputed on every call while a graph is captured.
         """
+        def compute() -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            scale = channel_scale(self.weight, self.running_var, self.eps, dtype)
+            # (input - (mean * scale - bias)) * 1: the shift, added with a single rounding
+            neg_shift = self.running_mean.to(dtype) * scale - self.bias.to(dtype)
+            return scale, neg_shift, torch.ones_like(neg_shift), torch.zeros_like(neg_shift)
+
         buffers = (self.weight, self.bias, self.running_mean, self.running_var)
-        capturing = _capturing()
-        try:
-            key = (dtype, self.eps) + tuple(b._version for b in buffers)
-        except RuntimeError:  # inference tensors have no version counter
-            capturing = True
-        cache = getattr(self, "_constants_cache", None)
-        if (not capturing and cache is not None and cache[0] == key
-                and all(a is b for a, b in zip(cache[1], buffers))):
-            return cache[2]
-        scale = channel_scale(self.weight, self.running_var, self.eps, dtype)
-        # (input - (mean * scale - bias)) * 1: the shift, added with a single rounding
-        neg_shift = self.running_mean.to(dtype) * scale - self.bias.to(dtype)
-        constants = (scale, neg_shift, torch.ones_like(neg_shift), torch.zeros_like(neg_shift))
-        if not capturing:
-            self.__dict__["_constants_cache"] = (key, buffers, constants)
-        return constants
+        return _kept(self, "_constants_cache", buffers, (dtype, self.eps), compute)
 
     def scale(self, dtype: torch.dtype) -> Tensor:
         """``weight / sqrt(running_var + eps)`` in ``dtype``, from the buffers as they are now."""
@@ -252,30 +269,20 @@ class _FoldedConv:
         """``W * s`` and ``b * s`` (``+ shift`` with ``fold_shift``), kept between calls
         while nothing needs their gradient."""
         dtype = compute_dtype(self.weight.dtype, bn.running_var.dtype)
-        constants = bn._constants(dtype)
-        sources = (self.weight, self.bias)
-        keep = not self._needs_grad() and not _capturing()
-        key = None
-        if keep:
-            try:
-                key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None
-                            else None for t in sources)
-            except RuntimeError:  # inference tensors have no version counter
-                keep = False
-        cache = self.__dict__.get("_folded_cache")
-        if (keep and cache is not None and cache[0] == key and cache[1] is constants
-                and all(a is b for a, b in zip(cache[2], sources))):
-            return cache[3]
-        scale, neg_shift = constants[0], constants[1]
-        weight = _times_channel(self.weight, scale)
-        bias = None if self.bias is None else _times_channel(self.bias, scale)
-        if self.fold_shift:
-            # (b - mean) * s + beta = b * s - (mean * s - beta), in the compute dtype
-            b = -neg_shift if self.bias is None else self.bias.to(dtype) * scale - neg_shift
-            bias = b.to(self.weight.dtype)
-        if keep:
-            self.__dict__["_folded_cache"] = (key, constants, sources, (weight, bias))
-        return weight, bias
+        scale, neg_shift = bn._constants(dtype)[:2]
+
+        def compute() -> Tuple[Tensor, Optional[Tensor]]:
+            weight = _times_channel(self.weight, scale)
+            bias = None if self.bias is None else _times_channel(self.bias, scale)
+            if self.fold_shift:
+                # (b - mean) * s + beta = b * s - (mean * s - beta), in the compute dtype
+                b = -neg_shift if self.bias is None else self.bias.to(dtype) * scale - neg_shift
+                bias = b.to(self.weight.dtype)
+            return weight, bias
+
+        # (the constants are new tensors whenever the BatchNorm's buffers change)
+        return _kept(self, "_folded_cache", (self.weight, self.bias, scale, neg_shift),
+                     (self.fold_shift,), compute, keep=not self._needs_grad())
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -347,8 +347,8 @@ METHOD_NOTE = """\
   one fused op; the BatchNorms with nothing to fuse, the downsample ones, folded into their
   convs, which scale their trainable weight or make a pass over their output, whichever
   is smaller), for inference `fold_frozen_bn(model, "inference")` (weights rewritten
-  once). `torch.compile(...)`:
-  default mode, compilation excluded (done in the warm-up call).
+  once). `torch.compile(...)`: default mode, compilation excluded (done in the warm-up
+  call).
 - `foreign_load` in results.json: CPU cores other processes kept busy while a case was
   timed (Linux /proc/stat); CPU timings above 0.25 are suspect: marked `(busy)` in the
   tables and left out of the summary (`--busy-retries N` retakes them)."""
