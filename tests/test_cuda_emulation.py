@@ -115,6 +115,16 @@ def test_fast_divider(emu, divisor):
         assert emu.divider_mismatches(divisor, 20_000, high) == 0
 
 
+def within_two_ulps(a, b):
+    """SiLU's exp differs in its last float bit between the CUDA path (expf) and the CPU's
+    vector exp; rounded to the data dtype, a result may then differ by one of its units in
+    the last place, and the backward's input gradient (the activation's gradient rounded to
+    the data dtype as the unfused ops store it, times the scale, rounded again) by two.
+    atol: near SiLU's zero-derivative point the float32 result cancels, and a last-bit
+    difference of its O(1) terms is an absolute one."""
+    return torch.allclose(a.double(), b.double(), rtol=max(2 * torch.finfo(a.dtype).eps, 1e-5), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("shape", [[2, 8, 5, 7], [3, 16, 4, 4], [4, 6], [2, 5, 1, 3], [0, 4, 3]])
@@ -132,7 +142,7 @@ def test_emulated_fused_epilogues_match_cpu(emu, dtype, layout, shape):
             assert y.stride() == y_ref.stride() and pre.shape == pre_ref.shape
             assert torch.equal(scale, scale_ref)
             exact = act != 3 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-            check = torch.equal if exact else (lambda a, b: torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-5))
+            check = torch.equal if exact else within_two_ulps
             assert check(y, y_ref) and check(pre, pre_ref)
             if act == 0 or y.numel() == 0:
                 continue
