@@ -17,6 +17,8 @@ from .ops import frozen_batch_norm_act
 
 __all__ = ["FrozenBatchNormAct2d"]
 
+torch.fx.wrap("frozen_batch_norm_act")  # one call in torch.fx graphs (see modules.py)
+
 #: Activation modules the fused op computes, by exact type.
 ACTIVATION_MODULES: Dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu"}
 
@@ -64,8 +66,8 @@ class FrozenBatchNormAct2d(FrozenBatchNorm2d):
         activation = activation_of_module(self.act) if type(self.drop) is nn.Identity else None
         if activation is not None:
             self._check_input(input)
-            return frozen_batch_norm_act(input, self.running_mean, self.running_var, self.weight,
-                                         self.bias, self.eps, activation)
+            weight, bias, mean, var = self._stats(input)
+            return frozen_batch_norm_act(input, mean, var, weight, bias, self.eps, activation)
         return self.act(self.drop(super().forward(input)))
 
     @classmethod

@@ -58,6 +58,17 @@ def _capturing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def _check_not_symbolic(module: nn.Module, input: object) -> None:
+    """torch.fx symbolic tracing (its input is a Proxy) cannot record a training fold."""
+    if not isinstance(input, Tensor):
+        raise fx.proxy.TraceError(
+            f"{type(module).__name__} (from fold_frozen_bn(..., 'training')) works from the "
+            f"live weights and statistics at each call, which torch.fx symbolic tracing cannot "
+            f"record: keep the folded modules leaf modules of the tracer, as frozennorm.fuse "
+            f"does (torchvision's create_feature_extractor: tracer_kwargs={{'leaf_modules': "
+            f"[...]}})")
+
+
 _T = TypeVar("_T")
 
 
@@ -156,6 +167,7 @@ class FoldedFrozenBatchNorm(nn.Module):
         return self._constants(dtype)[0]
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        _check_not_symbolic(self, input)
         if self.conv_applies_shift and self.activation == "identity" and residual is None:
             return input
         _, neg_shift, ones, zeros = self._constants(
@@ -249,6 +261,7 @@ class _FoldedConv:
     fold_shift: bool = False
 
     def forward(self, input: Tensor) -> Tensor:
+        _check_not_symbolic(self, input)
         bn = self._folded_bn
         if self.fold_shift and not self._scale_weight(input):
             out = self._conv_forward(input, self.weight, self.bias)

@@ -12,6 +12,12 @@ __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenB
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# torch.fx.symbolic_trace (and what builds on it: torchvision's create_feature_extractor, FX
+# quantization) traces through these modules, which are not torch.nn leaves: each forward is
+# then one call of the functional op in the graph, its statistics get_attr nodes.
+torch.fx.wrap("frozen_batch_norm")
+torch.fx.wrap("frozen_batch_norm_act")
+
 
 def _keeps_fp32(old: Tensor, new: Tensor) -> bool:
     """Would ``old -> new`` cast full-precision statistics to fewer than 32 bits?"""
@@ -69,10 +75,30 @@ class FrozenBatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        return frozen_batch_norm(input, self.running_mean, self.running_var,
-                                 self.weight, self.bias, self.eps)
+        weight, bias, mean, var = self._stats(input)
+        return frozen_batch_norm(input, mean, var, weight, bias, self.eps)
+
+    def _stats(self, input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(weight, bias, running_mean, running_var) for this call.
+
+        In eager mode read straight from the buffer dict: ``nn.Module.__getattr__`` costs
+        ~1 us a buffer, as much as the op itself on a small map (the launch-bound case on a
+        GPU). Attribute access everywhere else: TorchScript, dynamo, torch.fx symbolic
+        tracing (its input is a Proxy, and it records buffers through ``__getattr__``), and
+        a buffer turned into a Parameter or a parametrized property.
+        """
+        if not torch.jit.is_scripting():
+            if isinstance(input, Tensor) and not torch.compiler.is_compiling():
+                b = self._buffers
+                w, bias, mean, var = (b.get("weight"), b.get("bias"), b.get("running_mean"),
+                                      b.get("running_var"))
+                if w is not None and bias is not None and mean is not None and var is not None:
+                    return w, bias, mean, var
+        return self.weight, self.bias, self.running_mean, self.running_var
 
     def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            return  # a torch.fx Proxy: no shape to check (the op checks the traced graph's input)
         lo, hi = self._dims
         ndim = input.dim()
         if ndim < lo or ndim > hi:
@@ -206,8 +232,9 @@ class FusedFrozenBatchNorm(FrozenBatchNorm):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input(input)
-        return frozen_batch_norm_act(input, self.running_mean, self.running_var, self.weight,
-                                     self.bias, self.eps, self.activation, residual)
+        weight, bias, mean, var = self._stats(input)
+        return frozen_batch_norm_act(input, mean, var, weight, bias, self.eps, self.activation,
+                                     residual)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"

@@ -37,6 +37,78 @@ class CountingBackend:
         return gm.forward
 
 
+# ------------------------------------------------------------------ torch.fx
+
+def _fx_call_targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fx_symbolic_trace_through_frozen_modules(fused):
+    """torch.fx.symbolic_trace traces through the frozen modules (they are not torch.nn
+    leaves): one functional op call each, statistics recorded as get_attr nodes (not baked
+    in as constants), same outputs and gradients."""
+    model = converted("resnet18").eval()
+    if fused:
+        model = frozennorm.fuse(model)
+    gm = torch.fx.symbolic_trace(model)
+    calls = _fx_call_targets(gm)
+    n_plain = calls.count(frozennorm.ops.frozen_batch_norm)
+    n_fused = calls.count(frozennorm.ops.frozen_batch_norm_act)
+    assert (n_plain, n_fused) == ((3, 17) if fused else (20, 0))  # 3 downsample BNs stay plain
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert {"bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"} <= targets
+    assert not any(str(t).startswith("_tensor_constant") for t in targets)
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    (g1,) = torch.autograd.grad(gm(x).sum(), x)
+    (g2,) = torch.autograd.grad(model(x).sum(), x)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    # the graph reads the statistics as they are now
+    with torch.no_grad():
+        gm.bn1.running_mean.add_(0.5)
+        model.bn1.running_mean.add_(0.5)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_fx_torchvision_feature_extractor_and_timm_norm_act():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = converted("resnet18").eval()
+    extractor = create_feature_extractor(model, {"layer2": "c3", "layer4": "c5"})
+    x = torch.randn(1, 3, 64, 64)
+    feats = extractor(x)
+    ref = model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))
+    torch.testing.assert_close(feats["c3"], ref, rtol=0, atol=0)
+    assert feats["c5"].shape == (1, 512, 2, 2)
+
+    timm = pytest.importorskip("timm")
+    net = frozennorm.convert_frozen_bn(randomize_norm_stats_(timm.create_model("efficientnet_b0"))).eval()
+    assert any(isinstance(m, frozennorm.FrozenBatchNormAct2d) for m in net.modules())
+    gm = torch.fx.symbolic_trace(net)
+    assert frozennorm.ops.frozen_batch_norm_act in _fx_call_targets(gm)
+    assert_close_rel(gm(x), net(x), rtol=1e-6)
+
+
+def test_fx_training_fold_needs_its_modules_as_leaves():
+    """A training-mode fold decides at each call from the live tensors: symbolic tracing
+    through it raises a TraceError that says what to do, and tracing it as leaves works."""
+    from frozennorm.fold import FoldedConv2d, FoldedFrozenBatchNorm
+
+    model = converted("resnet18").eval()
+    folded = frozennorm.fold_frozen_bn(model, "training", policy="auto")
+    with pytest.raises(torch.fx.proxy.TraceError, match="leaf modules of the tracer"):
+        torch.fx.symbolic_trace(folded)
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, (FoldedConv2d, FoldedFrozenBatchNorm)) or super().is_leaf_module(m, qualname)
+
+    gm = torch.fx.GraphModule(folded, Leaves().trace(folded))
+    x = torch.randn(1, 3, 64, 64)
+    assert_close_rel(gm(x), model(x), rtol=1e-5)
+
+
 # ------------------------------------------------------------------ torch.compile
 
 def test_compile_fullgraph_dynamic_batch_no_recompile_forward_backward():

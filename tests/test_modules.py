@@ -271,3 +271,63 @@ def test_functional_mirrors_f_batch_norm():
     torch.testing.assert_close(frozennorm.frozen_batch_norm(x, mean, var, w, b, eps=1e-4), ref)
     torch.testing.assert_close(frozennorm.frozen_batch_norm(x, mean, var),
                                torch.nn.functional.batch_norm(x, mean, var, training=False))
+
+
+def _fused_or_plain(kind):
+    bn = random_bn(nn.BatchNorm2d)
+    if kind == "plain":
+        return FrozenBatchNorm2d.from_batchnorm(bn), bn
+    fused = frozennorm.FusedFrozenBatchNorm.from_frozen(FrozenBatchNorm2d.from_batchnorm(bn), "relu")
+    return fused, nn.Sequential(bn, nn.ReLU())
+
+
+@pytest.mark.parametrize("kind", ["plain", "fused"])
+def test_forward_follows_whatever_holds_the_statistics(kind):
+    """The eager forward reads the buffer dict directly (nn.Module.__getattr__ is slow); a
+    statistic that is no longer a plain buffer (made a Parameter, parametrized, swapped by
+    functional_call) is still the one used, and gets its gradient."""
+    from torch.nn.utils import parametrize
+
+    x = torch.randn(2, 6, 5, 4)
+    frozen, ref = _fused_or_plain(kind)
+    bn = ref if kind == "plain" else ref[0]
+    torch.testing.assert_close(frozen(x), ref(x))
+
+    # a buffer turned into a trainable Parameter: used, and it gets a gradient
+    frozen.weight = nn.Parameter(frozen.weight * 3)
+    with torch.no_grad():
+        bn.weight.mul_(3)
+    if kind == "plain":
+        torch.testing.assert_close(frozen(x), ref(x))
+        frozen(x).sum().backward()
+        assert frozen.weight.grad is not None and frozen.weight.grad.abs().sum() > 0
+    else:  # the fused op differentiates the input only, and says so
+        with pytest.raises(RuntimeError, match="differentiates the input and the residual only"):
+            frozen(x)
+        with torch.no_grad():
+            torch.testing.assert_close(frozen(x), ref(x))
+
+    # a parametrized buffer: the parametrization's value is used
+    frozen, ref = _fused_or_plain(kind)
+    bn = ref if kind == "plain" else ref[0]
+
+    class Halve(nn.Module):
+        def forward(self, t):
+            return t / 2
+
+    parametrize.register_parametrization(frozen, "running_var", Halve())
+    with torch.no_grad():
+        bn.running_var.div_(2)
+    torch.testing.assert_close(frozen(x), ref(x))
+
+    # functional_call with other statistics, the module's own left alone
+    frozen, ref = _fused_or_plain(kind)
+    bn = ref if kind == "plain" else ref[0]
+    mean = torch.randn(6)
+    out = torch.func.functional_call(frozen, {"running_mean": mean}, (x,))
+    expected_frozen = copy.deepcopy(frozen)
+    with torch.no_grad():
+        expected_frozen.running_mean.copy_(mean)
+    torch.testing.assert_close(out, expected_frozen(x))
+    torch.testing.assert_close(frozen(x), ref(x))
+
