@@ -163,8 +163,10 @@ inline acc_t round_to(acc_t v) {
 // overlaps the one before (outputs never alias inputs, so the elements in the overlap are
 // written twice with the same values): no scalar remainder, whatever the run length.
 template <bool kContig, bool kStream, typename Op>
-FROZENNORM_ALWAYS_INLINE void walk_run(const Op op, int64_t k, int64_t n, int64_t c, const typename Op::acc_t* mean,
-              const typename Op::acc_t* scale, const typename Op::acc_t* shift) {
+FROZENNORM_ALWAYS_INLINE void walk_run(const Op op, int64_t k, int64_t n, int64_t c,
+                                       const typename Op::acc_t* mean,
+                                       const typename Op::acc_t* scale,
+                                       const typename Op::acc_t* shift) {
   using IO = typename Op::IO;
   auto scalar = [&](int64_t j) {
     const int64_t ch = kContig ? c + j : c;
