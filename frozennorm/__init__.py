@@ -7,21 +7,21 @@
   a model, torchvision/timm/detectron2/apex layers included; :class:`FrozenBatchNormAct2d`
   for timm's BatchNorm+activation layers.
 * :func:`audit` / :func:`assert_frozen` — what each normalisation layer will do next forward.
-* :func:`frozen_batch_norm_act` / :class:`FusedFrozenBatchNorm` — frozen BN (+ residual) +
-  ReLU/ReLU6/SiLU in one kernel each way; :func:`fuse` and :func:`fold_frozen_bn` put them,
-  and conv folding, into a model.
+* :func:`frozen_batch_norm_act` — frozen BN (+ residual) + ReLU/ReLU6/SiLU in one kernel each
+  way; :func:`fuse` puts it into a model's forwards, :func:`fold_frozen_bn` folds frozen BN
+  into the convolutions before them.
 """
 from .version import __version__
 from .ops import ACTIVATIONS, COMPILED, frozen_batch_norm, frozen_batch_norm_act
-from .modules import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
-                      FusedFrozenBatchNorm)
+from .modules import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .act import FrozenBatchNormAct2d
 from .convert import (ConversionRecord, ConversionReport, FrozenNormWarning, SkipReason,
                       convert_frozen_bn, revert_frozen_bn)
 from .diagnostics import AuditRow, AuditTable, NotFrozenError, assert_frozen, audit
 from .fuse import FusedSite, FuseReport, SkippedLayer, UntraceableError, fuse
 from .fold import (FoldedConv1d, FoldedConv2d, FoldedConv3d, FoldedFrozenBatchNorm,
-                   FoldedFrozenBatchNormAct2d, FoldedPair, FoldReport, fold_frozen_bn)
+                   FoldedFrozenBatchNormAct2d, FoldedPair, FoldReport, IdentityBatchNorm,
+                   fold_frozen_bn)
 
 __all__ = [
     "__version__",
@@ -29,7 +29,6 @@ __all__ = [
     "frozen_batch_norm",
     "frozen_batch_norm_act",
     "ACTIVATIONS",
-    "FusedFrozenBatchNorm",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -59,4 +58,5 @@ __all__ = [
     "FoldedConv3d",
     "FoldedFrozenBatchNorm",
     "FoldedFrozenBatchNormAct2d",
+    "IdentityBatchNorm",
 ]
