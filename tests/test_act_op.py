@@ -9,7 +9,8 @@ from conftest import device_params
 from oracle import DTYPES, make_layout, make_sample
 
 import frozennorm
-from frozennorm import ACTIVATIONS, frozen_batch_norm, frozen_batch_norm_act
+from frozennorm import frozen_batch_norm, frozen_batch_norm_act
+from frozennorm.ops import ACTIVATIONS
 
 frozen_bn_act = torch.ops.frozennorm.frozen_bn_act
 frozen_bn_act_backward = torch.ops.frozennorm.frozen_bn_act_backward

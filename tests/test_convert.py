@@ -18,9 +18,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import frozennorm
-from frozennorm import (ConversionReport, FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d,
-                        FrozenBatchNorm3d, FrozenBatchNormAct2d, FrozenNormWarning, SkipReason,
-                        convert_frozen_bn, revert_frozen_bn)
+from frozennorm import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
+                        FrozenBatchNormAct2d, FrozenNormWarning, convert_frozen_bn,
+                        revert_frozen_bn)
+from frozennorm.convert import ConversionReport, SkipReason
 
 
 from model_helpers import assert_close_rel, randomize_norm_stats_

@@ -5,7 +5,8 @@ import pytest
 from torch import nn
 
 import frozennorm
-from frozennorm import AuditRow, AuditTable, NotFrozenError, assert_frozen, audit, convert_frozen_bn
+from frozennorm import NotFrozenError, assert_frozen, audit, convert_frozen_bn
+from frozennorm.diagnostics import AuditRow, AuditTable
 
 from model_helpers import randomize_norm_stats_
 

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frozennorm import (FoldedConv1d, FoldedConv2d, FoldedConv3d, FoldedFrozenBatchNorm,
-                        FoldedFrozenBatchNormAct2d, FrozenBatchNorm, FrozenBatchNorm1d,
-                        FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenNormWarning,
-                        IdentityBatchNorm, audit, convert_frozen_bn, fold_frozen_bn, fuse,
+from frozennorm import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
+                        FrozenNormWarning, audit, convert_frozen_bn, fold_frozen_bn, fuse,
                         revert_frozen_bn)
+from frozennorm.fold import (FoldedConv1d, FoldedConv2d, FoldedConv3d, FoldedFrozenBatchNorm,
+                             FoldedFrozenBatchNormAct2d, IdentityBatchNorm)
 
 from model_helpers import assert_close_rel
 from test_fuse import DET, IMAGE, SMALL, Routed, duck_fuse, frozen, run, tensors

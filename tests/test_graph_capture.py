@@ -268,6 +268,9 @@ def _casts(model, x, device, dtype):
     pytest.param("cuda", torch.bfloat16, marks=[requires_cuda, pytest.mark.cuda]),
 ])
 def test_autocast_runs_in_the_input_dtype_without_extra_casts(device, dtype):
+    if not frozennorm.ops.COMPILED:
+        pytest.skip("a property of the compiled kernels (the fallback computes through "
+                    "float32 copies)")
     torch.manual_seed(0)
     bn_model = randomize_norm_stats_(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
                                           nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16))).to(device).eval()

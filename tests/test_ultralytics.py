@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 import frozennorm
-from frozennorm import (FrozenBatchNorm2d, IdentityBatchNorm, assert_frozen, audit,
-                        convert_frozen_bn, fold_frozen_bn, fuse)
+from frozennorm import (FrozenBatchNorm2d, assert_frozen, audit, convert_frozen_bn,
+                        fold_frozen_bn, fuse)
+from frozennorm.fold import IdentityBatchNorm
 
 from model_helpers import randomize_norm_stats_
 
