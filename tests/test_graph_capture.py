@@ -305,3 +305,28 @@ def test_cuda_graph_capture_forward_backward():
         ref.sum().backward()
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(xi.grad, xr.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_capture_detection_sees_every_onnx_exporter(tmp_path, dynamo):
+    """frozennorm._op.capture decides from torch.compiler.is_compiling(), torch.jit.is_tracing()
+    + torch.onnx.is_in_onnx_export() and, for the dynamo-based exporter on releases where
+    is_compiling() does not report it, one private torch flag: if torch moves any of them,
+    this fails (while exporting, the frozen op must write plain ops), and jit.trace alone
+    must keep the op."""
+    from frozennorm._op.capture import capturing_graph
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(capturing_graph())
+            return x * 2
+
+    torch.onnx.export(Probe(), (torch.randn(2, 3),), str(tmp_path / "p.onnx"), dynamo=dynamo)
+    assert seen and all(seen)
+    seen.clear()
+    torch.jit.trace(Probe(), torch.randn(2, 3))
+    assert seen and not any(seen)
+    assert not capturing_graph()
