@@ -505,7 +505,7 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
     parts, rep.untraced = traced_parts(root, "fold_frozen_bn", _foldable, tracer_class)
     seen: Set[int] = set()
     pairs = _find_pairs(parts, mode, rep, seen)
-    missed = missed_layers(root, parts, rep.untraced, _foldable, seen)
+    missed = missed_layers(root, rep.untraced, _foldable, seen)
     rep.unfolded += [SkippedLayer(name, why) for name, why in missed]
     for part, conv_name, bn_name in pairs:
         conv, bn = part.module.get_submodule(conv_name), part.module.get_submodule(bn_name)

@@ -156,7 +156,7 @@ def traced_parts(root: nn.Module, caller: str, wanted: Callable[[nn.Module], boo
     return parts, errors
 
 
-def missed_layers(root: nn.Module, parts: List[TracedPart], errors: List[UntraceableError],
+def missed_layers(root: nn.Module, errors: List[UntraceableError],
                   wanted: Callable[[nn.Module], bool], seen: Set[int]) -> List[Tuple[str, str]]:
     """(name, why) of the ``wanted`` layers of ``root`` that no traced forward calls."""
     untraced = {id(m) for e in errors
@@ -164,15 +164,6 @@ def missed_layers(root: nn.Module, parts: List[TracedPart], errors: List[Untrace
     return [(name, "called from a forward that does not trace" if id(m) in untraced
              else "not called from its parent's forward")
             for name, m in root.named_modules() if wanted(m) and id(m) not in seen]
-
-
-def call_counts(graph: fx.Graph) -> Dict[str, int]:
-    """How many call_module nodes call each module."""
-    counts: Dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
-    return counts
 
 
 def only_user(node: fx.Node) -> Optional[fx.Node]:
@@ -515,5 +506,5 @@ def fuse(module: nn.Module, *, inplace: bool = False, tracer_class: Type[fx.Trac
         if _Rewriter(part, rep, seen).run():
             FusedForward.install(part)
     rep.unfused += [SkippedLayer(name, why) for name, why in
-                    missed_layers(root, parts, rep.untraced, is_frozen_batchnorm, seen)]
+                    missed_layers(root, rep.untraced, is_frozen_batchnorm, seen)]
     return (root, rep) if report else root
