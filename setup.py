@@ -80,13 +80,13 @@ def check_setuptools():
 
 
 ISOLATED_BUILD = """\
-frozennorm is compiled against the torch you will run it with, and this build cannot
-import one{detail}. pip builds in an isolated environment by default, which hides the torch
-you installed. Install torch first, then build without isolation:
+frozennorm is compiled against the torch you will run it with, and this build cannot see it
+({detail}).
+pip builds in an isolated environment by default, which hides the torch you installed.
+Install torch first, then build without isolation:
 
     pip install --no-build-isolation -e .          (in a checkout of frozennorm)
     pip install --no-build-isolation <sdist or URL>
-
 """
 
 
@@ -96,10 +96,11 @@ def import_torch():
     try:
         import torch
     except ImportError as exc:
-        raise SystemExit(ISOLATED_BUILD.format(detail=f" ({exc})"))
+        raise SystemExit(ISOLATED_BUILD.format(detail=f"import torch: {exc}"))
     where = os.path.dirname(os.path.abspath(torch.__file__))
     if "pip-build-env-" in where:  # torch fetched into pip's isolated build environment
-        raise SystemExit(ISOLATED_BUILD.format(detail=f" other than {where}"))
+        raise SystemExit(ISOLATED_BUILD.format(
+            detail=f"it sees only the torch pip fetched into an isolated environment, {where}"))
     return torch
 
 
