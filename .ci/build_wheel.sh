@@ -88,9 +88,8 @@ built=$(ls "$WORK"/wheel/frozennorm-*.whl)
 lib=$(ls "$WORK"/unpacked/*/frozennorm/_C*.so)
 before=$(stat -c %s "$lib")
 strip --strip-unneeded "$lib"
-rm -f "$OUT"/frozennorm-*+"$LABEL"-*.whl
-"$PYTHON" -m wheel pack -d "$OUT" "$(dirname "$(dirname "$lib")")" >/dev/null
-wheel=$(ls "$OUT"/frozennorm-*+"$LABEL"-*.whl)
+"$PYTHON" -m wheel pack -d "$WORK/final" "$(dirname "$(dirname "$lib")")" >/dev/null
+wheel=$(ls "$WORK"/final/frozennorm-*+"$LABEL"-*.whl)
 say "library stripped: $before -> $(stat -c %s "$lib") bytes; wheel $(basename "$wheel"), $(stat -c %s "$wheel") bytes"
 
 # --- symbol versions: nothing newer than torch's own library needs
@@ -106,11 +105,12 @@ for family in GLIBC GLIBCXX; do
     fi
 done
 "$PYTHON" - "$wheel" "$TORCH_DIST" <<'EOF'
-import sys, zipfile
+import re, sys, zipfile
 wheel, torch_dist = sys.argv[1:]
 with zipfile.ZipFile(wheel) as z:
     meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-    requires = [l for l in z.read(meta).decode().splitlines() if l.startswith("Requires-Dist: torch")]
+    requires = [l for l in z.read(meta).decode().splitlines()
+                if re.match(r"Requires-Dist: torch([ =<>!~;]|$)", l)]
     names = z.namelist()
 assert requires == [f"Requires-Dist: torch=={torch_dist}"], requires
 assert "LICENSE" in " ".join(names) and any(n.endswith("_build_info.json") for n in names), names
@@ -151,4 +151,6 @@ info.main()
 print("[build_wheel] smoke test passed: compiled kernels from", frozennorm.__file__)
 EOF
 cd "$ROOT"
-say "done: $wheel"
+rm -f "$OUT"/frozennorm-*+"$LABEL"-*.whl
+cp "$wheel" "$OUT/"
+say "done: $OUT/$(basename "$wheel")"
