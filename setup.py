@@ -11,8 +11,8 @@ What is built, torchvision's convention:
     TORCH_CUDA_ARCH_LIST). Otherwise a CPU-only build, and one line says how to get them.
 
 Environment switches:
-  FORCE_CUDA=1            build the CUDA kernels without a GPU, or fail saying why not;
-                          for TORCH_CUDA_ARCH_LIST, else a list of current architectures
+  FORCE_CUDA=1            build the CUDA kernels even without a GPU (for the archs of
+                          TORCH_CUDA_ARCH_LIST, else current ones), or fail saying why not
   TORCH_CUDA_ARCH_LIST    archs to compile for, e.g. "9.0" or "8.0;9.0+PTX" (also asks for
                           the CUDA kernels); default: the visible GPUs'
   USE_CUDA=0              no CUDA kernels
@@ -217,7 +217,6 @@ def plan_cuda(torch):
     a GPU is visible or when asked for (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST)."""
     force = env_flag("FORCE_CUDA")
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    home = None
     if env_flag("USE_CUDA") is False:
         off = "USE_CUDA=0"
     elif torch.version.cuda is None:
