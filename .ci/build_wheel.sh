@@ -58,7 +58,7 @@ EOF
 say "torch $TORCH_DIST ($TORCH_LIB), wheel label +$LABEL"
 
 # --- build from the committed sources
-mkdir -p "$WORK/src" "$WORK/wheel"
+mkdir -p "$WORK/src" "$WORK/wheel" "$WORK/final"
 if git rev-parse --git-dir >/dev/null 2>&1; then
     git archive --format=tar HEAD | tar -x -C "$WORK/src"
     say "sources: git HEAD $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' (uncommitted changes are not in the wheel)')"
@@ -121,10 +121,10 @@ EOF
 VENV=$WORK/venv
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "torch==$TORCH_DIST"
-mkdir -p "$WORK/bin" "$WORK/run"
-ln -s "$VENV/bin/python" "$WORK/bin/python"
-nocc() { env -i HOME="$HOME" TMPDIR="$WORK" PATH="$WORK/bin" LANG=C.UTF-8 "$@"; }
-if nocc sh -c 'command -v cc || command -v gcc || command -v c++ || command -v g++ || command -v nvcc' 2>/dev/null; then
+mkdir -p "$WORK/run"
+# the venv's own bin folder is all there is on PATH: python and pip, no compiler
+nocc() { env -i HOME="$HOME" TMPDIR="$WORK" PATH="$VENV/bin" LANG=C.UTF-8 "$@"; }
+if nocc /bin/sh -c 'command -v cc || command -v gcc || command -v c++ || command -v g++ || command -v nvcc'; then
     say "error: a compiler is on the restricted PATH"; exit 1
 fi
 nocc python -m pip install -q --no-build-isolation --only-binary frozennorm "$wheel"
