@@ -20,7 +20,7 @@ from .timing import BUSY_LOAD, configure_cpu_malloc
 
 EPILOG = """\
 examples:
-  python -m frozennorm.bench                         quick default (2-3 minutes on 2 CPU cores)
+  python -m frozennorm.bench                         quick default (a few minutes on 2 CPU cores)
   python -m frozennorm.bench --full --out results/   the whole sweep, JSON + markdown + PNG plots
   python -m frozennorm.bench --shape det --dtype bf16 --layout channels_last --mode training
   python -m frozennorm.bench --e2e-only --e2e-size 2x800x1216
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path,
                    help="write results.json, results.md and PNG plots here (default: a new "
                         "folder bench-results/DEVICE-quick|full-DATE-TIME)")
-    p.add_argument("--no-plots", action="store_true", help="with --out: no PNG plots")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--list-shapes", action="store_true", help="list shape presets and groups")
     p.add_argument("--from-json", type=Path, metavar="RESULTS_JSON",
