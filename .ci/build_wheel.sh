@@ -136,7 +136,7 @@ import frozennorm
 from frozennorm import _loader, info, ops
 
 with_cuda = sys.argv[1] == "1"
-assert frozennorm.COMPILED, _loader.fallback_reason()
+assert ops.COMPILED, _loader.fallback_reason()
 record = _loader.build_info()
 assert record["with_cuda"] == with_cuda and record["torch_version"] == torch.__version__, record
 assert _loader.checkout_root() is None, "imported from a checkout"
@@ -145,8 +145,11 @@ m = frozennorm.FrozenBatchNorm2d(8)
 m.running_mean.uniform_(-1, 1); m.running_var.uniform_(0.5, 2)
 y = m(x)
 y.sum().backward()
-want, _ = ops.frozen_bn_fallback(x.detach(), m.weight, m.bias, m.running_mean, m.running_var, m.eps)
-torch.testing.assert_close(y, want)
+scale = m.weight.double() / (m.running_var.double() + m.eps).sqrt()
+want = (x.detach().double() - m.running_mean.double()[:, None, None]) * scale[:, None, None] \
+    + m.bias.double()[:, None, None]
+torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(x.grad.double(), scale[:, None, None].expand_as(x), rtol=1e-6, atol=0)
 info.main()
 print("[build_wheel] smoke test passed: compiled kernels from", frozennorm.__file__)
 EOF

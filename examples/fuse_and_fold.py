@@ -6,12 +6,12 @@
 1. ``convert_frozen_bn`` freezes the BatchNorm layers (here with made-up statistics, so that
    the checks below mean something without downloading weights).
 2. Training: ``fuse`` merges each BatchNorm with the ReLU, or the add and the ReLU, after
-   it: one pass over memory instead of two or three.
-   ``fold_frozen_bn(model, "training", policy="auto")`` first folds the BatchNorms that
-   have nothing to merge with (the downsample ones) into their convs, which at each call
-   either scale their weight or make one pass over their output, whichever is smaller (the
-   weights stay trainable, the state dict is the same).
-3. Inference: ``fold_frozen_bn(model)`` rewrites the weights once; the BatchNorm layers
+   it: one pass over memory instead of two or three (the modules and the state dict stay
+   as they are; only the forwards of the blocks change).
+3. Quantization-aware training: ``fold_frozen_bn(model, "training")`` makes each conv use
+   its weight times the BatchNorm's scale at every call (the weights stay trainable, the
+   state dict is the same); ``fuse`` still merges the shift that is left with the ReLU.
+4. Inference: ``fold_frozen_bn(model)`` rewrites the weights once; the BatchNorm layers
    disappear.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ import copy
 import torch
 import torchvision
 from torch import nn
-from torch.utils import benchmark
 
 import frozennorm
 
@@ -49,6 +48,8 @@ def without_bn(model: nn.Module) -> nn.Module:
 
 
 def train_step_time(model: nn.Module, x: torch.Tensor) -> str:
+    from torch.utils import benchmark  # (imports torch's C++ extension builder: only here)
+
     def step():
         model(x).sum().backward()
     m = benchmark.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=2)
@@ -69,23 +70,24 @@ def main() -> None:
     model = frozennorm.convert_frozen_bn(model).to(args.device).train()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
 
-    folded, fold_report = frozennorm.fold_frozen_bn(model, "training", policy="auto",
-                                                    report=True)
-    trained, fuse_report = frozennorm.fuse(folded, report=True)
-    print(fold_report, fuse_report, sep="\n")
-    assert list(trained.state_dict()) == list(model.state_dict())  # checkpoints: unchanged
+    fused, fuse_report = frozennorm.fuse(model, report=True)
+    folded, fold_report = frozennorm.fold_frozen_bn(model, "training", report=True)
+    qat = frozennorm.fuse(folded)
+    print(fuse_report, fold_report, sep="\n")
+    for m in (fused, qat):
+        assert list(m.state_dict()) == list(model.state_dict())  # checkpoints: unchanged
 
     with torch.no_grad():
         ref = model(x)
-        err = (trained(x) - ref).abs().max() / ref.abs().max()
-        print(f"training fold + fuse: max difference {err:.2e} (relative to max |output|)")
         deploy = frozennorm.fold_frozen_bn(model.eval())
-        err = (deploy(x) - ref).abs().max() / ref.abs().max()
-        print(f"inference fold:       max difference {err:.2e}")
+        for name, m in (("fuse", fused), ("training fold + fuse", qat),
+                        ("inference fold", deploy)):
+            err = (m(x) - ref).abs().max() / ref.abs().max()
+            print(f"{name + ':':<22}max difference {err:.2e} (relative to max |output|)")
 
     if args.time:
-        variants = {"frozen BN": model, "fused only": frozennorm.fuse(model),
-                    "folded + fused": trained, "BN removed": without_bn(model)}
+        variants = {"frozen BN": model, "fused": fused, "folded + fused": qat,
+                    "BN removed": without_bn(model)}
         for name, m in variants.items():
             print(f"{name:>15}: {train_step_time(m.train(), x)}")
 

@@ -7,17 +7,14 @@ silently drop the activation.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .modules import FrozenBatchNorm2d
-from .ops import frozen_batch_norm_act
+from .modules import FrozenBatchNorm2d, register_fusable_forward
 
 __all__ = ["FrozenBatchNormAct2d"]
-
-torch.fx.wrap("frozen_batch_norm_act")  # one call in torch.fx graphs (see modules.py)
 
 #: Activation modules the fused op computes, by exact type.
 ACTIVATION_MODULES: Dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu"}
@@ -33,6 +30,31 @@ def activation_of_module(module: Optional[nn.Module]) -> Optional[str]:
     if module is None or has_hooks(module):
         return None
     return "identity" if type(module) is nn.Identity else ACTIVATION_MODULES.get(type(module))
+
+
+def own_activation(module: nn.Module) -> Optional[str]:
+    """The fused op's name for ``module.act`` when ``module.drop`` is an identity (what a
+    BN+activation layer can compute in its own single pass); None otherwise."""
+    if activation_of_module(module.drop) != "identity":
+        return None
+    return activation_of_module(module.act)
+
+
+def bn_act_forward(module: nn.Module, bn: Callable[..., Tensor], input: Tensor,
+                   residual: Optional[Tensor], activation: str) -> Tensor:
+    """``act(drop(bn(input)))`` for a BN+activation layer whose BatchNorm part is
+    ``bn(input, residual=None, activation="identity")``: one pass when ``act`` is a
+    ReLU/ReLU6/SiLU/identity and ``drop`` an identity. A ``residual`` and an
+    ``activation`` (a call from a forward fuse() rewrote) need both to be identities."""
+    own = own_activation(module)
+    if own != "identity" and (residual is not None or activation != "identity"):
+        raise ValueError(
+            f"{type(module).__name__}: a residual and an activation are taken only when its "
+            f"own drop and act are identities (act={type(module.act).__name__}, "
+            f"drop={type(module.drop).__name__})")
+    if own is None:
+        return module.act(module.drop(bn(input)))
+    return bn(input, residual, own if activation == "identity" else activation)
 
 
 class FrozenBatchNormAct2d(FrozenBatchNorm2d):
@@ -61,14 +83,12 @@ class FrozenBatchNormAct2d(FrozenBatchNorm2d):
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
 
-    def forward(self, input: Tensor) -> Tensor:
-        # ReLU/ReLU6/SiLU/identity without dropout: one fused kernel each way
-        activation = activation_of_module(self.act) if type(self.drop) is nn.Identity else None
-        if activation is not None:
-            self._check_input(input)
-            weight, bias, mean, var = self._stats(input)
-            return frozen_batch_norm_act(input, mean, var, weight, bias, self.eps, activation)
-        return self.act(self.drop(super().forward(input)))
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None,
+                activation: str = "identity") -> Tensor:
+        """``act(drop(bn(input)))``, in one fused pass each way when ``act`` is a ReLU,
+        ReLU6, SiLU or identity and ``drop`` an identity. With both identities it takes a
+        ``residual`` and an ``activation`` as :class:`FrozenBatchNorm2d` does."""
+        return bn_act_forward(self, super().forward, input, residual, activation)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module) -> "FrozenBatchNormAct2d":
@@ -88,3 +108,6 @@ class FrozenBatchNormAct2d(FrozenBatchNorm2d):
         for name in [n for n in bn._modules if n in ("drop", "act")]:
             frozen._modules[name] = frozen._modules.pop(name)
         return frozen
+
+
+register_fusable_forward(FrozenBatchNormAct2d.forward)

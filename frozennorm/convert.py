@@ -33,7 +33,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .act import FrozenBatchNormAct2d
-from .modules import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .fuse import unfuse
+from .modules import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
+                      is_frozen_batchnorm, looks_frozen)
 
 __all__ = [
     "convert_frozen_bn",
@@ -205,20 +207,6 @@ def _keeps_forward(module: nn.Module, base: type) -> bool:
             and "forward" not in vars(module))
 
 
-def _looks_frozen(module: nn.Module) -> bool:
-    """A frozen BatchNorm by its looks: the name says so and the statistics are buffers."""
-    return ("FrozenBatchNorm" in type(module).__name__
-            and isinstance(getattr(module, "running_mean", None), torch.Tensor)
-            and isinstance(getattr(module, "running_var", None), torch.Tensor))
-
-
-def is_frozen_batchnorm(module: nn.Module) -> bool:
-    """Whether ``module`` is a frozen BatchNorm (frozennorm's or another library's)."""
-    if isinstance(module, FrozenBatchNorm):
-        return True
-    return not isinstance(module, _BatchNorm) and _looks_frozen(module)
-
-
 # --------------------------------------------------------------------------------------
 # Scope
 # --------------------------------------------------------------------------------------
@@ -244,10 +232,18 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Scope:
+class Scope:
+    """Which layers a call concerns: ``include``/``exclude`` patterns and a ``predicate``
+    (see :func:`convert_frozen_bn`)."""
+
     include: Tuple[str, ...]
     exclude: Tuple[str, ...]
     predicate: Optional[Predicate]
+
+    @classmethod
+    def build(cls, include: Patterns, exclude: Patterns, predicate: Optional[Predicate]
+              ) -> "Scope":
+        return cls(_as_patterns(include, "include"), _as_patterns(exclude, "exclude"), predicate)
 
     def selects(self, name: str, module: nn.Module) -> bool:
         if self.include and not any(_matches(name, p) for p in self.include):
@@ -294,7 +290,7 @@ class _Entry:
     places: List[Tuple[Optional[nn.Module], str]]
 
 
-def _plan(root: nn.Module, classify: Classifier, scope: _Scope, caller: str) -> List[_Entry]:
+def _plan(root: nn.Module, classify: Classifier, scope: Scope, caller: str) -> List[_Entry]:
     entries: Dict[int, _Entry] = {}
     visited = set()
     stack: List[Tuple[Optional[nn.Module], str, nn.Module, str]] = [(None, "", root, "")]
@@ -334,7 +330,7 @@ def _move_hooks(old: nn.Module, new: nn.Module) -> None:
         new._is_full_backward_hook = old._is_full_backward_hook
 
 
-def _run(root: nn.Module, classify: Classifier, scope: _Scope, strict: bool,
+def _run(root: nn.Module, classify: Classifier, scope: Scope, strict: bool,
          caller: str, action: str, left: str) -> Tuple[nn.Module, ConversionReport]:
     entries = _plan(root, classify, scope, caller)
     report = ConversionReport(unmatched_patterns=scope.unmatched(root), action=action)
@@ -388,8 +384,8 @@ def _is_ours(module: nn.Module) -> bool:
 
 def _freeze_verdict(module: nn.Module, classes: Mapping[type, Type[FrozenBatchNorm]]
                     ) -> Optional[_Verdict]:
-    if isinstance(module, FrozenBatchNorm) or (_is_ours(module) and _looks_frozen(module)):
-        return _LEAVE  # frozennorm's own (plain, fused or folded)
+    if _is_ours(module) and is_frozen_batchnorm(module):
+        return _LEAVE  # frozennorm's own (plain or folded)
     match = _known_base(type(module), classes)
     is_bn = isinstance(module, _BatchNorm)
     if match is None or not _keeps_forward(module, match[0]):
@@ -399,7 +395,7 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Type[FrozenBatchNo
                 f"a BatchNorm subclass with a forward of its own; if it computes plain "
                 f"BatchNorm in eval mode, pass classes={{{name}: FrozenBatchNorm2d}} (or the "
                 f"frozen class of its rank)"))
-        if _looks_frozen(module):
+        if looks_frozen(module):
             return _Verdict(reason=SkipReason.UNKNOWN_FROZEN, detail=(
                 "already frozen, but by an implementation frozennorm does not know (its eps "
                 "may be hard-coded); pass classes={...: FrozenBatchNorm2d} to convert it"))
@@ -498,7 +494,7 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
         if not (isinstance(target, type) and issubclass(target, FrozenBatchNorm)):
             raise TypeError(f"classes[{cls!r}] must be a frozennorm FrozenBatchNorm class, "
                             f"got {target!r}")
-    scope = _Scope(_as_patterns(include, "include"), _as_patterns(exclude, "exclude"), predicate)
+    scope = Scope.build(include, exclude, predicate)
     result, rep = _run(module, lambda m: _freeze_verdict(m, extra), scope, strict,
                        "convert_frozen_bn", "converted",
                        "BatchNorm layer(s) as they are (their statistics still update in train())")
@@ -591,17 +587,17 @@ def _unfreeze_verdict(module: nn.Module) -> Optional[_Verdict]:
     if isinstance(module, FrozenBatchNorm) or _is_ours(module):
         forward = getattr(type(module), "forward", None)
         if forward not in (FrozenBatchNorm.forward, FrozenBatchNormAct2d.forward):
-            if not (isinstance(module, FrozenBatchNorm) or _looks_frozen(module)):
+            if not is_frozen_batchnorm(module):
                 return None
             return _Verdict(reason=SkipReason.UNSUPPORTED, detail=(
-                f"a {type(module).__name__} computes more than a frozen BatchNorm (an "
-                f"activation fused in, or a convolution folded in): reverting it would drop "
-                f"that; revert before fusing or folding"))
+                f"a {type(module).__name__} computes other than a frozen BatchNorm (a forward "
+                f"of its own, or a convolution's scale folded in): reverting it would change "
+                f"the model (revert before folding)"))
         is_act = isinstance(module, FrozenBatchNormAct2d)
     else:
         match = _known_base(type(module), {})
         if match is None or not _keeps_forward(module, match[0]):
-            if _looks_frozen(module):
+            if looks_frozen(module):
                 return _Verdict(reason=SkipReason.UNKNOWN_FROZEN, detail=(
                     "a frozen BatchNorm frozennorm does not know; left as it is"))
             return None
@@ -652,7 +648,8 @@ def revert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: Pa
     ``include``, ``exclude``, ``predicate``, ``strict`` and ``report`` work as in
     :func:`convert_frozen_bn` (e.g. ``include="backbone.body.layer4"`` unfreezes one stage).
     """
-    scope = _Scope(_as_patterns(include, "include"), _as_patterns(exclude, "exclude"), predicate)
+    scope = Scope.build(include, exclude, predicate)
     result, rep = _run(module, _unfreeze_verdict, scope, strict, "revert_frozen_bn",
                        "reverted", "frozen layer(s) frozen")
+    unfuse(result, stale_only=True)  # forwards fuse() rewrote to call the reverted layers fused
     return (result, rep) if report else result

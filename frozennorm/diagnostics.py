@@ -9,12 +9,14 @@ require grad, and what does its momentum mean (PyTorch's momentum is 1 - TF/Kera
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union, overload
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from .convert import is_frozen_batchnorm
+from .convert import FrozenNormWarning, Patterns, Predicate, Scope
+from .modules import is_frozen_batchnorm
 
 __all__ = ["audit", "assert_frozen", "AuditRow", "AuditTable", "NotFrozenError"]
 
@@ -180,14 +182,30 @@ def _momentum(r: AuditRow) -> str:
     return f"{r.momentum:g} ({r.tf_momentum:g})"
 
 
-def audit(module: nn.Module) -> AuditTable:
+def _rows(module: nn.Module, scope: Scope) -> List[AuditRow]:
+    return [_row(name, m) for name, m in module.named_modules()
+            if _is_norm(m) and scope.selects(name, m)]
+
+
+def audit(module: nn.Module, *, include: Patterns = None, exclude: Patterns = None,
+          predicate: Optional[Predicate] = None) -> AuditTable:
     """One row per normalisation layer of ``module`` (BatchNorm, SyncBatchNorm, timm's BN+act,
     frozen BatchNorms of any library, InstanceNorm, GroupNorm, LayerNorm, RMSNorm).
 
     ``print(audit(model))`` shows the table; the rows are :class:`AuditRow` data. What a row
     says holds for the next forward in the model's current train/eval mode.
+
+    ``include``, ``exclude`` and ``predicate`` limit the table to some layers, as they limit
+    :func:`~frozennorm.convert_frozen_bn` (``include="backbone.body"``,
+    ``include=[f"model.{i}" for i in range(10)]``); a pattern that matches no module is a
+    :class:`FrozenNormWarning`.
     """
-    return AuditTable([_row(name, m) for name, m in module.named_modules() if _is_norm(m)])
+    scope = Scope.build(include, exclude, predicate)
+    unmatched = scope.unmatched(module)
+    if unmatched:
+        warnings.warn(f"audit: include/exclude pattern(s) {unmatched} match no module",
+                      FrozenNormWarning, stacklevel=2)
+    return AuditTable(_rows(module, scope))
 
 
 class NotFrozenError(AssertionError):
@@ -198,7 +216,8 @@ class NotFrozenError(AssertionError):
         self.rows = list(rows)
 
 
-def assert_frozen(module: nn.Module, *, params: bool = False) -> None:
+def assert_frozen(module: nn.Module, *, params: bool = False, include: Patterns = None,
+                  exclude: Patterns = None, predicate: Optional[Predicate] = None) -> None:
     """Raise :class:`NotFrozenError`, naming the layers, unless every normalisation layer is
     frozen in the model's current mode.
 
@@ -207,9 +226,19 @@ def assert_frozen(module: nn.Module, *, params: bool = False) -> None:
     running statistics). With ``params=True`` a BatchNorm also fails when its weight or
     bias requires grad. Per-sample normalisations (GroupNorm, LayerNorm) have nothing to freeze
     and pass.
+
+    ``include``, ``exclude`` and ``predicate`` check only some layers, as they select them for
+    :func:`~frozennorm.convert_frozen_bn` (a partly frozen model: pass the scope you
+    converted). A pattern that matches no module raises ValueError: an assertion about
+    nothing would pass whatever the model does.
     """
+    scope = Scope.build(include, exclude, predicate)
+    unmatched = scope.unmatched(module)
+    if unmatched:
+        raise ValueError(f"assert_frozen: include/exclude pattern(s) {unmatched} match no "
+                         f"module of the model: nothing would be checked there")
     failures = []
-    for r in audit(module):
+    for r in _rows(module, scope):
         why = []
         if r.updates_stats:
             why.append("its running statistics update on the next forward")

@@ -1,46 +1,47 @@
-"""fuse: rewrite frozen ``BatchNorm -> [add ->] activation`` chains to one fused module.
+"""fuse: frozen ``BatchNorm -> [add ->] activation`` chains computed in one pass.
 
-``fuse(model)`` traces ``model`` with ``torch.fx`` and replaces each chain
+``fuse(model)`` looks at the forward of each module that calls frozen BatchNorm layers (a
+torch.fx trace of that forward alone, every submodule a leaf) and finds the chains
 
 * frozen BN -> ``ReLU``/``ReLU6``/``SiLU`` (modules, ``F.relu``/``torch.relu``/``F.relu6``/
   ``F.silu``/``x.relu()``, in-place variants included), and
 * frozen BN -> add (``+``, ``+=``, ``torch.add``, ``x.add(...)``, either operand order) ->
-  activation, or -> add alone (the ResNet bottleneck's ``out += identity; out = relu(out)``)
+  activation, or -> add alone (the ResNet bottleneck's ``out += identity; out = relu(out)``),
 
-by a :class:`~frozennorm.FusedFrozenBatchNorm` at the BN's qualified name (so the state
-dict keys do not change), called as ``bn(input, residual)``: one pass over memory forward
-and one backward instead of two or three, with the same results. ``nn.Identity`` modules
-in between (timm's disabled DropPath/DropBlock) are passed over. A chain is rewritten only
-where each value it removes has no other user. The activation modules stay where they
-are: a module shared by several call sites (torchvision's ``self.relu``) keeps working for
-the others.
+``nn.Identity`` modules in between (timm's disabled DropPath/DropBlock) passed over. A
+chain is taken where each value it removes has no other user. That module then runs the
+rewritten trace as its forward, which calls the BatchNorm as
+``bn(input, residual, activation=...)``: one pass over memory forward and one backward
+instead of two or three, with the same results.
 
-The tracing helpers here (:class:`UntraceableError`, the leaf rules, the walk down to the
-traceable parts of a model) serve :func:`frozennorm.fold_frozen_bn` too.
+Nothing else changes: every module keeps its class, attributes, submodules and state dict,
+and the BatchNorm layers stay plain frozen BatchNorm layers. Whatever reads the model
+without calling its forward (a framework's own conv+BN fuser, ``torch.jit.script``,
+``torch.fx.symbolic_trace``) sees the unfused model, which computes the same. A framework
+that replaces a module's forward or its submodules later (Ultralytics' ``fuse()``) keeps
+working, since each rewritten forward calls only its own module's children.
+
+The tracing helpers here (:class:`UntraceableError`, :func:`traced_parts`) serve
+:func:`frozennorm.fold_frozen_bn` too.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import linecache
 import operator
-from typing import (Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple, Type,
+from typing import (Callable, Dict, Iterator, List, Literal, Optional, Set, Tuple, Type,
                     Union, overload)
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .act import FrozenBatchNormAct2d, activation_of_module, has_hooks
-from .convert import is_frozen_batchnorm
-from .modules import FrozenBatchNorm, FusedFrozenBatchNorm
+from .act import activation_of_module, has_hooks, own_activation
+from .modules import is_frozen_batchnorm, is_fusable_forward
 
 __all__ = ["fuse", "FuseReport", "FusedSite", "SkippedLayer", "UntraceableError"]
-
-#: Modules that run as one call in a traced graph: a class, or a qualified name (relative
-#: to the module that is traced).
-LeafModules = Sequence[Union[Type[nn.Module], str]]
-#: Qualified names of submodules: one, or several.
-Paths = Union[str, Sequence[str]]
 
 _ACTIVATION_FUNCTIONS: Dict[Callable, str] = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu"}
@@ -52,116 +53,117 @@ _INPLACE_ADDS = (operator.iadd, "add_")
 
 
 class UntraceableError(RuntimeError):
-    """``torch.fx`` could not trace a module: where, why, and what can be traced instead."""
+    """``torch.fx`` could not trace a module's forward: which module, and why."""
 
-    def __init__(self, caller: str, path: str, module_type: str, cause: BaseException,
-                 suggestions: Sequence[str] = ()) -> None:
-        #: Qualified name of the module whose forward failed (``""``: the module given).
+    def __init__(self, caller: str, path: str, module_type: str, cause: BaseException) -> None:
+        #: Qualified name of the module whose forward failed (``""``: the model itself).
         self.path = path
         self.module_type = module_type
         self.cause = cause
-        #: Largest traceable submodules that hold frozen BatchNorm layers.
-        self.suggestions = list(suggestions)
-        where = f"{path!r} ({module_type})" if path else f"the module ({module_type})"
-        lines = [f"{caller}: torch.fx cannot trace {where}: {type(cause).__name__}: {cause}"]
-        if self.suggestions:
-            lines.append(f"These parts trace and hold frozen BatchNorm layers: call "
-                         f"{caller}(model, submodule={self.suggestions!r}).")
-        if path:
-            lines.append(f"Or let {path!r} run as one opaque call: leaf_modules=[{path!r}] "
-                         f"(nothing inside it is then rewritten).")
-        super().__init__("\n".join(lines))
+        where = f"{path!r} ({module_type})" if path else f"the model ({module_type})"
+        super().__init__(f"{caller}: torch.fx cannot trace the forward of {where}: "
+                         f"{type(cause).__name__}: {cause}")
 
 
 # --------------------------------------------------------------------------------------
 # Tracing (shared with fold.py)
 # --------------------------------------------------------------------------------------
 
-def make_tracer(leaf_modules: LeafModules = (),
-                tracer_class: Type[fx.Tracer] = fx.Tracer) -> fx.Tracer:
-    """A ``tracer_class`` instance that keeps frozennorm's modules (and ``leaf_modules``)
-    as single calls and records which module's forward failed."""
-    leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
-    leaf_names = {t for t in leaf_modules if isinstance(t, str)}
-
-    class _Tracer(tracer_class):  # type: ignore[valid-type, misc]
-        failed_at: Optional[str] = None
-
-        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-            return (type(m).__module__.partition(".")[0] == "frozennorm"
-                    or isinstance(m, leaf_types) or module_qualified_name in leaf_names
-                    or super().is_leaf_module(m, module_qualified_name))
-
-        def call_module(self, m, forward, args, kwargs):
-            try:
-                return super().call_module(m, forward, args, kwargs)
-            except Exception:
-                if self.failed_at is None:  # the innermost module whose forward raised
-                    self.failed_at = next(
-                        (n for n, sub in self.root.named_modules() if sub is m), "?")
-                raise
-
-    return _Tracer()
-
-
-def trace(module: nn.Module, caller: str, leaf_modules: LeafModules = (),
-          tracer_class: Type[fx.Tracer] = fx.Tracer, prefix: str = "") -> fx.Graph:
-    """The fx graph of ``module`` (named ``prefix`` in the model), or
-    :class:`UntraceableError` naming the module whose forward failed."""
-    tracer = make_tracer(leaf_modules, tracer_class)
-    try:
-        return tracer.trace(module)
-    except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ...
-        path = tracer.failed_at or ""
-        failing = module.get_submodule(path) if path not in ("", "?") else module
-        raise UntraceableError(caller, join_path(prefix, path), type(failing).__name__, e) from e
-
-
-@dataclasses.dataclass
-class TracedPart:
-    """A submodule that traced: its qualified name, the module and its graph."""
-
-    path: str
-    module: nn.Module
-    graph: fx.Graph
-
-
-def traceable_parts(module: nn.Module, prefix: str, caller: str,
-                    leaf_modules: LeafModules = (), tracer_class: Type[fx.Tracer] = fx.Tracer
-                    ) -> Tuple[List[TracedPart], List[UntraceableError]]:
-    """The largest submodules of ``module`` that trace and hold a frozen BatchNorm, and the
-    errors of those that did not (outermost first): a walk down from ``module``."""
-    if not _holds_frozen_bn(module):
-        return [], []
-    try:
-        graph = trace(module, caller, leaf_modules, tracer_class, prefix)
-        return [TracedPart(prefix, module, graph)], []
-    except UntraceableError as e:
-        errors = [e]
-    parts: List[TracedPart] = []
-    for name, child in module.named_children():
-        if is_frozen_batchnorm(child):
-            continue  # called from the untraceable forward itself
-        sub_parts, sub_errors = traceable_parts(child, join_path(prefix, name), caller,
-                                                leaf_modules, tracer_class)
-        parts += sub_parts
-        errors += [s for s in sub_errors if all(s.path != e.path for e in errors)]
-    return parts, errors
-
-
-def _holds_frozen_bn(module: nn.Module) -> bool:
-    return any(is_frozen_batchnorm(m) for m in module.modules())
-
-
 def join_path(prefix: str, name: str) -> str:
     """``prefix.name``, or ``name`` under the root."""
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def as_paths(paths: Optional[Paths]) -> List[str]:
-    if paths is None:
-        return [""]
-    return [paths] if isinstance(paths, str) else list(paths)
+@dataclasses.dataclass
+class TracedPart:
+    """A module whose forward calls frozen BatchNorm layers, and the graph of that forward."""
+
+    path: str
+    module: nn.Module
+    graph: fx.Graph
+    #: Tensors the graph reads that are not the module's (fx's ``_tensor_constant<i>``).
+    constants: Dict[str, torch.Tensor]
+
+    def modules(self) -> Dict[str, nn.Module]:
+        return dict(self.module.named_modules())
+
+
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _is_container(module: nn.Module) -> bool:
+    """A ModuleList/ModuleDict without a forward: what it holds, its parent calls."""
+    return (isinstance(module, (nn.ModuleList, nn.ModuleDict))
+            and type(module).forward is nn.Module.forward)
+
+
+def _trace_own_forward(path: str, module: nn.Module,
+                       tracer_class: Type[fx.Tracer]) -> TracedPart:
+    """``module``'s own (class) forward traced, every submodule called as a leaf but plain
+    ``nn.Sequential`` ones, traced through. (fx stores the tensor constants it meets on the
+    module as it traces: they are taken off again.)"""
+
+    tracer = tracer_class()
+    # (on the instance: the graph records the tracer's class, which must stay picklable)
+    tracer.is_leaf_module = (  # type: ignore[method-assign]
+        lambda m, module_qualified_name: not _is_plain_sequential(m))
+    before = set(module.__dict__)
+    try:
+        graph = tracer.trace(module)
+    finally:
+        constants = {k: module.__dict__.pop(k) for k in set(module.__dict__) - before}
+    return TracedPart(path, module, graph, constants)
+
+
+def called_directly(module: nn.Module, wanted: Callable[[nn.Module], bool]
+                    ) -> Iterator[Tuple[str, nn.Module]]:
+    """The ``wanted`` modules ``module``'s own forward may call, as it is traced: its
+    children, and those held by its ModuleList/ModuleDict and plain Sequential children
+    (by name relative to ``module``)."""
+    for name, child in module.named_children():
+        if wanted(child):
+            yield name, child
+        elif _is_container(child) or _is_plain_sequential(child):
+            yield from ((join_path(name, n), m) for n, m in called_directly(child, wanted))
+
+
+def _traced_through(module: nn.Module) -> Iterator[nn.Module]:
+    """The plain Sequential modules a trace of ``module``'s forward goes through."""
+    for child in module.children():
+        if _is_plain_sequential(child):
+            yield child
+            yield from _traced_through(child)
+
+
+def traced_parts(root: nn.Module, caller: str, wanted: Callable[[nn.Module], bool],
+                 tracer_class: Type[fx.Tracer] = fx.Tracer
+                 ) -> Tuple[List[TracedPart], List[UntraceableError]]:
+    """Each module of ``root`` that calls a ``wanted`` module from its own forward, with the
+    graph of that forward (a plain Sequential in which a traced parent's graph goes is not
+    one of them); and the errors of those whose forward does not trace."""
+    parts, errors = [], []
+    inside: Set[int] = set()
+    for path, module in root.named_modules():
+        if (_is_container(module) or id(module) in inside
+                or next(called_directly(module, wanted), None) is None):
+            continue
+        try:
+            parts.append(_trace_own_forward(path, module, tracer_class))
+            inside.update(id(m) for m in _traced_through(module))
+        except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ...
+            errors.append(UntraceableError(caller, path, type(module).__name__, e))
+    return parts, errors
+
+
+def missed_layers(root: nn.Module, parts: List[TracedPart], errors: List[UntraceableError],
+                  wanted: Callable[[nn.Module], bool], seen: Set[int]) -> List[Tuple[str, str]]:
+    """(name, why) of the ``wanted`` layers of ``root`` that no traced forward calls."""
+    untraced = {id(m) for e in errors
+                for _, m in called_directly(root.get_submodule(e.path), wanted)}
+    return [(name, "called from a forward that does not trace" if id(m) in untraced
+             else "not called from its parent's forward")
+            for name, m in root.named_modules() if wanted(m) and id(m) not in seen]
 
 
 def call_counts(graph: fx.Graph) -> Dict[str, int]:
@@ -193,12 +195,81 @@ def prepare(module: nn.Module, inplace: bool) -> nn.Module:
     return module if inplace else copy.deepcopy(module)
 
 
-def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """``new`` at ``path`` in ``root`` (the new root when ``path`` is empty)."""
-    if not path:
-        return new
-    root.set_submodule(path, new)
-    return root
+# --------------------------------------------------------------------------------------
+# The rewritten forward
+# --------------------------------------------------------------------------------------
+
+class FusedForward(functools.partial):
+    """The forward :func:`fuse` gives a module: the module's own forward, traced and
+    rewritten, bound to the module (a ``functools.partial`` of the generated function).
+
+    It lives in the module's ``__dict__`` (where ``nn.Module.__call__``, ``torch.jit.trace``,
+    ``torch.compile``, ``torch.export`` and the ONNX exporters find it); the class and its
+    forward are unchanged. Copies, pickles and ``torch.save`` carry it along (it is rebuilt
+    from the graph); :func:`unfuse` removes it.
+    """
+
+    graph: fx.Graph
+
+    def __new__(cls, module: nn.Module, graph: fx.Graph) -> "FusedForward":
+        code = graph.python_code(root_module="self")
+        key = f"<frozennorm fused forward of {type(module).__qualname__} {id(graph):x}>"
+        linecache.cache[key] = (len(code.src), None, code.src.splitlines(True), key)
+        namespace = dict(code.globals)
+        exec(compile(code.src, key, "exec"), namespace)  # noqa: S102 (fx's own generated code)
+        self = super().__new__(cls, namespace["forward"], module)
+        self.graph = graph
+        return self
+
+    @property
+    def module(self) -> nn.Module:
+        return self.args[0]
+
+    @classmethod
+    def install(cls, part: TracedPart) -> None:
+        """Makes ``part.graph`` the forward of ``part.module``."""
+        module = part.module
+        for name, value in part.constants.items():  # tensors, not state: moved by .to()
+            module.register_buffer(name, value, persistent=False)
+        module.__dict__["forward"] = cls(module, part.graph)
+        module.__dict__["__prepare_scriptable__"] = functools.partial(_refuse_script, part.path)
+
+    def __reduce__(self):
+        return type(self), (self.module, self.graph)
+
+    def stale(self) -> bool:
+        """Whether a module it calls with a residual/activation no longer takes them."""
+        for node in self.graph.nodes:
+            if node.op == "call_module" and "activation" in node.kwargs:
+                callee = self.module.get_submodule(node.target)
+                if not is_fusable_forward(type(callee).forward):
+                    return True
+        return False
+
+
+def _refuse_script(path: str) -> nn.Module:
+    """torch.jit.script asks each module for a scriptable version of itself first: it
+    compiles class forwards, and cannot compile a forward that lives on the instance."""
+    raise TypeError(
+        f"torch.jit.script cannot compile the forward frozennorm.fuse gave "
+        f"{path or 'the model'!r} (scripting compiles each module's class forward): script "
+        f"the model before fusing it (its frozen modules script), remove the fused forwards "
+        f"with frozennorm.fuse.unfuse(model), or record the fused model with torch.jit.trace")
+
+
+def _drop_fused_forward(module: nn.Module) -> None:
+    del module.__dict__["forward"], module.__dict__["__prepare_scriptable__"]
+
+
+def unfuse(module: nn.Module, stale_only: bool = False) -> nn.Module:
+    """Removes the forwards :func:`fuse` gave ``module`` and its submodules (in place); with
+    ``stale_only``, those that make a fused call of a module that no longer takes one (a
+    BatchNorm :func:`~frozennorm.revert_frozen_bn` made live again)."""
+    for m in module.modules():
+        forward = m.__dict__.get("forward")
+        if isinstance(forward, FusedForward) and (not stale_only or forward.stale()):
+            _drop_fused_forward(m)
+    return module
 
 
 # --------------------------------------------------------------------------------------
@@ -209,7 +280,7 @@ def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
 class FusedSite:
     """A frozen BatchNorm that now computes ``act(bn(x) [+ residual])`` in one call."""
 
-    #: Qualified name of the BatchNorm (now the fused module) in the model given to fuse.
+    #: Qualified name of the BatchNorm in the model given to fuse.
     name: str
     #: "relu", "relu6", "silu" or "identity".
     activation: str
@@ -233,6 +304,8 @@ class FuseReport:
 
     fused: List[FusedSite] = dataclasses.field(default_factory=list)
     unfused: List[SkippedLayer] = dataclasses.field(default_factory=list)
+    #: Modules that call frozen BatchNorm layers from a forward that does not trace.
+    untraced: List[UntraceableError] = dataclasses.field(default_factory=list)
 
     def count(self, activation: Optional[str] = None, residual: Optional[bool] = None) -> int:
         """Fused sites with this activation and/or residual (None: any)."""
@@ -249,6 +322,7 @@ class FuseReport:
         lines += [f"  {n:4d} x {k}" for k, n in kinds.items()]
         lines.append(f"left {len(self.unfused)} unfused")
         lines += [f"  {s.name}: {s.reason}" for s in self.unfused]
+        lines += [f"not traced: {e.path or '<root>'} ({e.module_type})" for e in self.untraced]
         return "\n".join(lines)
 
 
@@ -256,39 +330,25 @@ class FuseReport:
 # The rewrite
 # --------------------------------------------------------------------------------------
 
-_PLAIN, _SETTABLE, _WITH_ACT = "plain", "settable", "with act"
-
-
-def _kind(module: nn.Module) -> Tuple[Optional[str], str]:
-    """How ``module`` fuses: (kind, its activation now), or (None, why not)."""
-    cls = type(module)
+def fusable(module: nn.Module) -> Optional[str]:
+    """None if a call of ``module`` can take over an add and an activation (its forward
+    is a :func:`~frozennorm.modules.fusable_forward`); else why not."""
     if has_hooks(module):
-        return None, "has hooks (a fused module would change what they see)"
-    if cls.forward is FrozenBatchNorm.forward:
-        return _PLAIN, "identity"
-    if ((isinstance(module, FusedFrozenBatchNorm) and cls.forward is FusedFrozenBatchNorm.forward)
-            or getattr(cls, "fusable_activation", False)):
-        # ``activation`` is read at call time and forward takes (input, residual=None)
-        return _SETTABLE, module.activation
-    act, drop = getattr(module, "act", None), getattr(module, "drop", None)
-    if isinstance(act, nn.Module) and isinstance(drop, nn.Module):  # BN -> drop -> act
-        kind = activation_of_module(act)
-        if (kind is not None and activation_of_module(drop) == "identity"
-                and isinstance(module, FrozenBatchNormAct2d)
-                and cls.forward is FrozenBatchNormAct2d.forward):
-            return _WITH_ACT, kind
-        return None, f"{cls.__name__} with act={type(act).__name__}, drop={type(drop).__name__}"
-    return None, f"{cls.__name__} has a forward of its own"
+        return "has hooks (a fused call would change what they see)"
+    if not is_fusable_forward(type(module).forward):
+        return f"a {type(module).__name__}: its forward computes more than a frozen BatchNorm"
+    if hasattr(module, "act") and own_activation(module) != "identity":
+        return (f"it runs its own {type(module.act).__name__} (in its pass when it can), "
+                f"after its drop {type(module.drop).__name__}")
+    return None
 
 
 class _Rewriter:
-    """Finds and rewrites the chains of one traced module."""
+    """Finds and rewrites the chains of one traced forward."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, prefix: str, report: FuseReport):
-        self.root, self.graph, self.prefix, self.report = root, graph, prefix, report
-        self.modules = dict(root.named_modules())
-        self.calls = call_counts(graph)
-        self.claimed: Set[fx.Node] = set()  # fusable_tail: nodes an earlier BN would take
+    def __init__(self, part: TracedPart, report: FuseReport, seen: Set[int]):
+        self.part, self.graph, self.report, self.seen = part, part.graph, report, seen
+        self.modules = part.modules()
 
     def _skip_identities(self, value: fx.Node) -> Tuple[fx.Node, List[fx.Node]]:
         passed: List[fx.Node] = []
@@ -335,71 +395,49 @@ class _Rewriter:
               and all(k == "inplace" for k in user.kwargs) and len(user.args) <= 2)
         return kind if ok else None
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Rewrites the chains; whether there were any."""
+        changed = False
         for node in [n for n in self.graph.nodes if n.op == "call_module"]:
             module = self.modules.get(node.target)
             if module is not None and is_frozen_batchnorm(module):
-                self._fuse(node, module)
+                self.seen.add(id(module))
+                changed |= self._fuse(node, module)
         self.graph.lint()
+        return changed
 
-    def _unfused(self, node: fx.Node, reason: str) -> None:
-        self.report.unfused.append(SkippedLayer(join_path(self.prefix, node.target), reason))
+    def _unfused(self, node: fx.Node, reason: str) -> bool:
+        self.report.unfused.append(SkippedLayer(describe(node, self.part.path), reason))
+        return False
 
-    def _fuse(self, node: fx.Node, module: nn.Module) -> None:
-        kind, activation = _kind(module)
-        if kind is None:
-            return self._unfused(node, activation)
-        if self.calls[node.target] > 1:
-            return self._unfused(node, f"called at {self.calls[node.target]} places")
-        if not node.args:
-            return self._unfused(node, "called with keyword arguments")
-        if activation != "identity":
-            if kind == _WITH_ACT:  # the activation it holds is fused, nothing after it
-                return self._rewrite(node, module, kind, activation, None, [])
-            return self._unfused(node, f"already fused with {activation}")
-        residual = node.args[1] if len(node.args) > 1 else None
-        activation, residual, removed = self._chain(node, residual)
+    def _fuse(self, node: fx.Node, module: nn.Module) -> bool:
+        why = fusable(module)
+        if why is not None:
+            return self._unfused(node, why)
+        if len(node.args) != 1 or node.kwargs:
+            return self._unfused(node, "called with more than its input")
+        activation, residual, removed = self._chain(node)
         if not removed:
             return self._unfused(node, self._why_alone(node))
-        self._rewrite(node, module, kind, activation, residual, removed)
-
-    def fusable_tail(self, node: fx.Node) -> Optional[str]:
-        """What the frozen BatchNorm at ``node`` computes, or would compute once fused,
-        beyond the affine map in the same pass ("relu", "add", "add -> silu", ...); None
-        when nothing: it makes a pass over memory of its own. Changes nothing in the graph;
-        asked of the BatchNorm nodes in graph order, it gives what :meth:`run` would do
-        (an add two BatchNorms could take goes to the first)."""
-        kind, activation = _kind(self.modules[node.target])
-        if kind is None or self.calls[node.target] > 1 or not node.args:
-            return None
-        has_residual = len(node.args) > 1
-        if activation == "identity" and not has_residual:
-            activation, residual, removed = self._chain(node, None)
-            if not removed or self.claimed.intersection(removed):
-                return None
-            self.claimed.update(removed)
-            has_residual = residual is not None
-        steps = ["add"] if has_residual else []
-        if activation != "identity":
-            steps.append(activation)
-        return " -> ".join(steps)
+        self._rewrite(node, activation, residual, removed)
+        return True
 
     def _why_alone(self, node: fx.Node) -> str:
         users = list(node.users)
         if len(users) != 1:
             return f"its output has {len(users)} users"
         user = users[0]
-        if user.op == "call_module" and len(user.args) == 2 and user.args[1] is node:
-            return f"it is the residual of {describe(user, self.prefix)}"
-        return f"its output goes to {describe(user, self.prefix)}"
+        if user.op == "call_module" and len(user.args) > 1 and user.args[1] is node:
+            return f"it is the residual of {describe(user, self.part.path)}"
+        return f"its output goes to {describe(user, self.part.path)}"
 
-    def _chain(self, node: fx.Node, residual: Optional[fx.Node]
-               ) -> Tuple[str, Optional[fx.Node], List[fx.Node]]:
+    def _chain(self, node: fx.Node) -> Tuple[str, Optional[fx.Node], List[fx.Node]]:
         """What follows ``node``: (activation, residual, nodes to remove)."""
         removed: List[fx.Node] = []
+        residual = None
         value, passed = self._skip_identities(node)
         user = only_user(value)
-        other = self._residual(user, value) if user is not None and residual is None else None
+        other = self._residual(user, value) if user is not None else None
         if other is not None:
             residual, value = other, user
             removed += passed + [user]
@@ -410,116 +448,72 @@ class _Rewriter:
             return "identity", residual, removed
         return activation, residual, removed + passed + [user]
 
-    def _rewrite(self, node: fx.Node, module: nn.Module, kind: str, activation: str,
-                 residual: Optional[fx.Node], removed: List[fx.Node]) -> None:
-        last = removed[-1] if removed else node
-        args = (node.args[0],) if residual is None else (node.args[0], residual)
+    def _rewrite(self, node: fx.Node, activation: str, residual: Optional[fx.Node],
+                 removed: List[fx.Node]) -> None:
+        last = removed[-1]
         with self.graph.inserting_before(last):
-            new = self.graph.call_module(node.target, args)
+            new = self.graph.call_module(node.target, (node.args[0], residual),
+                                         {"activation": activation})
         last.replace_all_uses_with(new)
         for n in reversed([node] + removed):
             self.graph.erase_node(n)
-        if kind == _SETTABLE:
-            module.activation = activation  # type: ignore[assignment]
-        else:
-            fused = FusedFrozenBatchNorm.from_frozen(module, activation)
-            fused.train(module.training)
-            self.root.set_submodule(node.target, fused)
-        self.report.fused.append(FusedSite(join_path(self.prefix, node.target), activation,
+        self.report.fused.append(FusedSite(describe(node, self.part.path), activation,
                                            residual is not None,
-                                           tuple(describe(n, self.prefix) for n in removed)))
-
-
-def _graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A GraphModule running ``graph`` over ``root``'s own module tree: every submodule,
-    parameter and buffer of ``root``, in its order, so the state dict keys do not change."""
-    gm = fx.GraphModule(root, graph, class_name=type(root).__name__)
-    constants = {k: v for k, v in gm._buffers.items() if k not in root._buffers}
-    gm._modules.clear()
-    gm._modules.update(root._modules)
-    gm._parameters.clear()
-    gm._parameters.update(root._parameters)
-    gm._buffers.clear()
-    gm._buffers.update(root._buffers)
-    gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
-    for name, value in constants.items():  # tensors fx found in attributes: not state
-        gm.register_buffer(name, value, persistent=False)
-    return gm
-
-
-def _fuse_part(module: nn.Module, path: str, leaf_modules: LeafModules,
-               tracer_class: Type[fx.Tracer], report: FuseReport) -> fx.GraphModule:
-    try:
-        graph = trace(module, "fuse", leaf_modules, tracer_class, path)
-    except UntraceableError as e:
-        parts, _ = traceable_parts(module, path, "fuse", leaf_modules, tracer_class)
-        raise UntraceableError("fuse", e.path, e.module_type, e.cause,
-                               [p.path for p in parts]) from e.cause
-    _Rewriter(module, graph, path, report).run()
-    return _graph_module(module, graph)
+                                           tuple(describe(n, self.part.path) for n in removed)))
 
 
 @overload
-def fuse(module: nn.Module, *, submodule: Optional[Paths] = ..., inplace: bool = ...,
-         leaf_modules: LeafModules = ..., tracer_class: Type[fx.Tracer] = ...,
+def fuse(module: nn.Module, *, inplace: bool = ..., tracer_class: Type[fx.Tracer] = ...,
          report: Literal[False] = ...) -> nn.Module: ...
 
 
 @overload
-def fuse(module: nn.Module, *, submodule: Optional[Paths] = ..., inplace: bool = ...,
-         leaf_modules: LeafModules = ..., tracer_class: Type[fx.Tracer] = ...,
+def fuse(module: nn.Module, *, inplace: bool = ..., tracer_class: Type[fx.Tracer] = ...,
          report: Literal[True]) -> Tuple[nn.Module, FuseReport]: ...
 
 
-def fuse(module: nn.Module, *, submodule: Optional[Paths] = None, inplace: bool = False,
-         leaf_modules: LeafModules = (), tracer_class: Type[fx.Tracer] = fx.Tracer,
+def fuse(module: nn.Module, *, inplace: bool = False, tracer_class: Type[fx.Tracer] = fx.Tracer,
          report: bool = False) -> Union[nn.Module, Tuple[nn.Module, FuseReport]]:
     """Fuse each frozen ``BN -> activation`` and ``BN -> add [-> activation]`` of ``module``.
 
-    Traces ``module`` (or each ``submodule``) with ``torch.fx`` and returns a
-    ``torch.fx.GraphModule`` with the same submodules, parameters and buffers (the same
-    state dict keys), where each fusable frozen BatchNorm is a
-    :class:`FusedFrozenBatchNorm` that also applies the add and the activation. Outputs and
+    Each module whose forward calls frozen BatchNorm layers is traced on its own with
+    ``torch.fx`` (its submodules as leaves); where a chain is found, that module's forward
+    is replaced (on the instance, see :class:`FusedForward`) by the rewritten trace, in
+    which the BatchNorm computes the add and the activation in its own pass. Outputs and
     gradients equal the unfused model's (bit for bit for ReLU/ReLU6, SiLU within an ulp).
-    timm's BN+activation layers (:class:`FrozenBatchNormAct2d`) with a ReLU/ReLU6/SiLU/
-    identity ``act`` and no ``drop`` become fused modules too; :func:`fold_frozen_bn`'s
-    training-mode BatchNorm halves take the activation over.
+    Models that do not trace as a whole (detection models, Ultralytics YOLO) are fused
+    wherever their modules' own forwards trace; the report lists the others.
 
-    Python control flow runs once, while tracing: branches on ``self.training`` are fixed
-    in the mode ``module`` is in now (fuse in the mode you will run). An add is fused on
-    the assumption that both operands have one shape and dtype (residual blocks); the fused
-    op rejects a broadcasting add at run time.
+    Every module keeps its class, attributes, submodules, parameters, buffers and state
+    dict keys; only forwards change, so a framework's own routing, fusing, exporting and
+    checkpointing see the model they built. ``timm``'s BN+activation layers
+    (:class:`FrozenBatchNormAct2d`) already compute their ReLU/ReLU6/SiLU in one pass.
+
+    Python control flow in a rewritten forward runs once, while tracing: branches on
+    ``self.training`` are fixed in the mode the module is in now (fuse in the mode you
+    will run). An add is fused on the assumption that both operands have one shape and
+    dtype (residual blocks); the fused op rejects a broadcasting add at run time.
 
     Args:
-        module: a traceable model (torchvision and timm classification models, detection
-            backbones); convert its BatchNorm first (:func:`convert_frozen_bn`).
-        submodule: qualified name(s) of the part(s) to fuse, for models whose own forward
-            does not trace (detection models: ``submodule="backbone"``). Each is replaced
-            by its fused GraphModule in the returned model, which otherwise keeps its class.
-        inplace: change ``module`` itself (parameters, buffers and the optimizer that holds
-            them stay the same objects). Its frozen BatchNorm layers are replaced, so
-            without ``submodule`` only the returned GraphModule computes correctly. The
-            default works on a deep copy and leaves ``module`` as it is.
-        leaf_modules: classes or qualified names (relative to the traced module) to keep
-            as single calls; frozennorm's modules always are.
-        tracer_class: the ``torch.fx.Tracer`` subclass to trace with (its own leaf rules
-            and autowrapped functions apply too).
+        module: the model; convert its BatchNorm first (:func:`convert_frozen_bn`).
+        inplace: change ``module`` itself (and return it); the default works on a deep
+            copy and leaves ``module`` as it is.
+        tracer_class: the ``torch.fx.Tracer`` subclass to trace with (its autowrapped
+            functions apply; every submodule is a leaf regardless).
         report: also return a :class:`FuseReport` (what was fused, what was not and why).
-
-    Raises:
-        UntraceableError: tracing failed; it names the innermost module whose forward
-            failed and the largest parts that trace (pass them as ``submodule``).
 
     Example::
 
         model = frozennorm.convert_frozen_bn(torchvision.models.resnet50(weights="DEFAULT"))
         model, rep = frozennorm.fuse(model, report=True)   # rep.count() == 49
-        detector = frozennorm.fuse(detector, submodule="backbone.body")
     """
     root = prepare(module, inplace)
     rep = FuseReport()
-    for path in as_paths(submodule):
-        part = root.get_submodule(path)
-        root = replace_submodule(root, path,
-                                 _fuse_part(part, path, leaf_modules, tracer_class, rep))
+    parts, rep.untraced = traced_parts(root, "fuse", is_frozen_batchnorm, tracer_class)
+    seen: Set[int] = set()
+    for part in parts:
+        if _Rewriter(part, rep, seen).run():
+            FusedForward.install(part)
+    rep.unfused += [SkippedLayer(name, why) for name, why in
+                    missed_layers(root, parts, rep.untraced, is_frozen_batchnorm, seen)]
     return (root, rep) if report else root

@@ -1,14 +1,14 @@
 """FrozenBatchNorm1d/2d/3d: BatchNorm with frozen statistics, as buffers, on the fused op."""
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .ops import ACTIVATIONS, frozen_batch_norm, frozen_batch_norm_act
+from .ops import frozen_batch_norm, frozen_batch_norm_act
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
-           "FusedFrozenBatchNorm"]
+__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -19,7 +19,7 @@ torch.fx.wrap("frozen_batch_norm")
 torch.fx.wrap("frozen_batch_norm_act")
 
 
-def _keeps_fp32(old: Tensor, new: Tensor) -> bool:
+def _drops_below_fp32(old: Tensor, new: Tensor) -> bool:
     """Would ``old -> new`` cast full-precision statistics to fewer than 32 bits?"""
     return (old.is_floating_point() and new.is_floating_point()
             and old.dtype not in _LOW_PRECISION and torch.finfo(new.dtype).bits < 32)
@@ -73,10 +73,17 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None,
+                activation: str = "identity") -> Tensor:
+        """``bn(input)``; with a ``residual`` and/or an ``activation`` ("relu", "relu6",
+        "silu"), ``act(bn(input) + residual)`` in the same single pass (how the forwards
+        :func:`frozennorm.fuse` rewrites call it)."""
         self._check_input(input)
         weight, bias, mean, var = self._stats(input)
-        return frozen_batch_norm(input, mean, var, weight, bias, self.eps)
+        if residual is None and activation == "identity":
+            return frozen_batch_norm(input, mean, var, weight, bias, self.eps)
+        return frozen_batch_norm_act(input, mean, var, weight, bias, self.eps, activation,
+                                     residual)
 
     def _stats(self, input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(weight, bias, running_mean, running_var) for this call.
@@ -156,7 +163,7 @@ class FrozenBatchNorm(nn.Module):
             if buf is None:
                 continue
             new = fn(buf)
-            if _keeps_fp32(buf, new):
+            if _drops_below_fp32(buf, new):
                 new = buf.to(device=new.device, dtype=torch.float32)
             self._buffers[name] = new
         return self
@@ -201,40 +208,31 @@ class FrozenBatchNorm3d(FrozenBatchNorm):
     _input_dims = (5, 5)
 
 
-class FusedFrozenBatchNorm(FrozenBatchNorm):
-    """A frozen BatchNorm with its activation (and a residual add) fused into one kernel.
+def looks_frozen(module: nn.Module) -> bool:
+    """A frozen BatchNorm by its looks: the name says so and the statistics are buffers."""
+    return ("FrozenBatchNorm" in type(module).__name__
+            and isinstance(getattr(module, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(module, "running_var", None), torch.Tensor))
 
-    ``forward(input, residual=None)`` returns ``act(bn(input) [+ residual])`` with ``act`` one
-    of "relu", "relu6", "silu", "identity" — exactly what the unfused modules compute, in one
-    pass over memory forward and one backward, saving what the unfused sequence saves.
-    Buffers and state dict are those of the frozen BatchNorm it replaces;
-    :func:`frozennorm.fuse` puts it in place of a ``bn -> [add ->] activation`` chain.
-    """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, activation: str = "relu", *,
-                 device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
-        super().__init__(num_features, eps, device=device, dtype=dtype)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.activation = activation
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a frozen BatchNorm (frozennorm's, folded or not, or another
+    library's)."""
+    if isinstance(module, FrozenBatchNorm) or getattr(type(module), "frozen_statistics", False):
+        return True
+    return not isinstance(module, _BatchNorm) and looks_frozen(module)
 
-    @classmethod
-    def from_frozen(cls, frozen: FrozenBatchNorm, activation: str) -> "FusedFrozenBatchNorm":
-        """The fused form of ``frozen`` (its buffers shared, its input-rank check kept)."""
-        fused = cls(frozen.num_features, frozen.eps, activation,
-                    device=frozen.running_mean.device, dtype=frozen.running_mean.dtype)
-        for name, buf in frozen.named_buffers(recurse=False):
-            setattr(fused, name, buf)
-        fused._dims = frozen._dims
-        fused._name = f"{type(fused).__name__}({frozen._name})"
-        return fused
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        self._check_input(input)
-        weight, bias, mean, var = self._stats(input)
-        return frozen_batch_norm_act(input, mean, var, weight, bias, self.eps, self.activation,
-                                     residual)
+# Forwards that take ``(input, residual=None, activation="identity")`` and compute
+# ``act(bn(input) + residual)`` in one pass: frozennorm.fuse rewrites calls of the modules
+# whose class has one of them (a subclass with a forward of its own is not one).
+_FUSABLE_FORWARDS: Set[Callable] = {FrozenBatchNorm.forward}
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}"
+
+def register_fusable_forward(forward: Callable) -> Callable:
+    _FUSABLE_FORWARDS.add(forward)
+    return forward
+
+
+def is_fusable_forward(forward: Callable) -> bool:
+    return forward in _FUSABLE_FORWARDS

@@ -7,6 +7,9 @@ from typing import List, Optional
 import torch
 from hypothesis import strategies as st
 
+from frozennorm._op.rules import is_dense  # noqa: F401  (the tests' import)
+from frozennorm.ops import compute_dtype
+
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted", "expanded"]
 REGIMES = ["typical", "mean_gg_std", "tiny_var", "eps0"]
@@ -42,7 +45,8 @@ def oracle_terms(x, weight, bias, mean, var, eps):
 
 
 def compute_eps(data_dtype, stats_dtype=torch.float32):
-    wide = data_dtype == torch.float64 or (data_dtype == torch.float32 and stats_dtype == torch.float64)
+    """The unit roundoff of the dtype the ops compute in (frozennorm's own rule)."""
+    wide = compute_dtype(data_dtype, stats_dtype) == torch.float64
     return 2.0 ** -53 if wide else 2.0 ** -24
 
 
@@ -184,12 +188,3 @@ def fixed_samples(device="cpu", requires_grad=False) -> List[Sample]:
     return out
 
 
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (what empty_like keeps the strides of)."""
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
-    expected = 1
-    for stride, sz in dims:
-        if stride != expected:
-            return False
-        expected *= sz
-    return True

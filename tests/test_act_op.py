@@ -9,7 +9,8 @@ from conftest import device_params
 from oracle import DTYPES, make_layout, make_sample
 
 import frozennorm
-from frozennorm import ACTIVATIONS, frozen_batch_norm, frozen_batch_norm_act
+from frozennorm import frozen_batch_norm, frozen_batch_norm_act
+from frozennorm.ops import ACTIVATIONS
 
 frozen_bn_act = torch.ops.frozennorm.frozen_bn_act
 frozen_bn_act_backward = torch.ops.frozennorm.frozen_bn_act_backward
@@ -153,18 +154,15 @@ def test_module_and_compile(device):
     with torch.no_grad():
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2)
-    fused = frozennorm.FusedFrozenBatchNorm.from_frozen(
-        frozennorm.FrozenBatchNorm2d.from_batchnorm(bn), "relu").to(device)
-    assert "activation=relu" in repr(fused)
-    assert set(fused.state_dict()) == {"weight", "bias", "running_mean", "running_var"}
+    frozen = frozennorm.FrozenBatchNorm2d.from_batchnorm(bn).to(device)
     x = torch.randn(2, 8, 5, 5, device=device)
     r = torch.randn_like(x)
     ref = torch.relu(bn.to(device).eval()(x) + r)
-    torch.testing.assert_close(fused(x, r), ref)
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, r), ref)
+    torch.testing.assert_close(frozen(x, r, "relu"), ref)
+    compiled = torch.compile(frozen, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, r, "relu"), ref)
     with pytest.raises(ValueError, match="expected 4D input"):
-        fused(x[0])
+        frozen(x[0], r[0], "relu")
 
 
 class TestActErrors:

@@ -5,7 +5,8 @@ import pytest
 from torch import nn
 
 import frozennorm
-from frozennorm import AuditRow, AuditTable, NotFrozenError, assert_frozen, audit, convert_frozen_bn
+from frozennorm import NotFrozenError, assert_frozen, audit, convert_frozen_bn
+from frozennorm.diagnostics import AuditRow, AuditTable
 
 from model_helpers import randomize_norm_stats_
 
@@ -143,3 +144,31 @@ def test_audit_root_and_empty():
     table = audit(nn.Linear(2, 2))
     assert len(table) == 0 and "0 normalization layer(s)" in str(table)
     assert_frozen(copy.deepcopy(nn.Linear(2, 2)))
+
+
+def test_scope_of_a_partly_frozen_model():
+    """A partly frozen model (the first stages converted, the head left live, as detection
+    fine-tuning does): the converter's scope selects what audit and assert_frozen check."""
+    torchvision = pytest.importorskip("torchvision")
+    model = convert_frozen_bn(torchvision.models.resnet18(), include=["bn1", "layer1", "layer2"])
+    model.train()
+    with pytest.raises(NotFrozenError):
+        assert_frozen(model)
+    scope = dict(include=["bn1", "layer1", "layer2"])
+    assert_frozen(model, **scope)
+    assert_frozen(model, exclude="layer[34]*")
+    assert_frozen(model, predicate=lambda name, m: not name.startswith(("layer3", "layer4")))
+    table = audit(model, **scope)
+    assert len(table) == 1 + 4 + 5 and all(r.frozen for r in table)
+    assert [r.name for r in audit(model, include="layer4.0")] == [
+        "layer4.0.bn1", "layer4.0.bn2", "layer4.0.downsample.1"]
+    with pytest.raises(NotFrozenError) as info:
+        assert_frozen(model, include="layer3")
+    assert all(r.name.startswith("layer3.") for r in info.value.rows)
+    # a pattern that matches nothing: an assertion about nothing is refused, audit warns
+    with pytest.raises(ValueError, match=r"\['layer9'\] match no module"):
+        assert_frozen(model, include=["layer1", "layer9"])
+    with pytest.warns(frozennorm.FrozenNormWarning, match="layer9"):
+        assert len(audit(model, include="layer9")) == 0
+    with pytest.raises(TypeError, match="include must be a string"):
+        audit(model, include=[1])

@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frozennorm import (FoldedConv1d, FoldedConv2d, FoldedConv3d, FoldedFrozenBatchNorm,
-                        FoldedFrozenBatchNormAct2d, FrozenBatchNorm, FrozenBatchNorm1d,
-                        FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenNormWarning,
-                        FusedFrozenBatchNorm, convert_frozen_bn, fold_frozen_bn, fuse,
+from frozennorm import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
+                        FrozenNormWarning, audit, convert_frozen_bn, fold_frozen_bn, fuse,
                         revert_frozen_bn)
+from frozennorm.fold import (FoldedConv1d, FoldedConv2d, FoldedConv3d, FoldedFrozenBatchNorm,
+                             FoldedFrozenBatchNormAct2d, IdentityBatchNorm)
 
 from model_helpers import assert_close_rel
-from test_fuse import DET, IMAGE, SMALL, frozen, run, tensors
+from test_fuse import DET, IMAGE, SMALL, Routed, duck_fuse, frozen, run, tensors
 
 tvm = pytest.importorskip("torchvision.models")
 
@@ -67,7 +67,7 @@ def check_state_dict(model, folded):
 
 def test_resnet18_training_fold_keeps_checkpoints():
     model = frozen(tvm.resnet18())
-    folded, rep = fold_frozen_bn(model, "training", report=True)  # default policy="all"
+    folded, rep = fold_frozen_bn(model, "training", report=True)
     assert len(rep.folded) == 20 and rep.unfolded == [] and rep.untraced == []
     assert rep.folded[0].conv == "conv1" and rep.folded[0].bn == "bn1"
     assert type(folded.conv1) is FoldedConv2d and type(folded.bn1) is FoldedFrozenBatchNorm
@@ -90,28 +90,16 @@ def test_resnet50_inference_and_training_with_fuse():
     deploy, rep = fold_frozen_bn(model.eval(), report=True)
     assert len(rep.folded) == 53 and rep.unfolded == []
     assert not any(isinstance(m, FrozenBatchNorm) for m in deploy.modules())
-    assert type(deploy.bn1) is nn.Identity and deploy.conv1.bias is not None
+    assert type(deploy.bn1) is IdentityBatchNorm and deploy.conv1.bias is not None
+    # the BatchNorm entries are gone from the state dict, the convs have a bias
+    assert not any("bn" in k or "downsample.1" in k for k in deploy.state_dict())
     with torch.no_grad():
         assert_close_rel(deploy(IMAGE), model(IMAGE), 1e-4)
 
     model.train()
-    trained = fuse(fold_frozen_bn(model, "training", policy="all"))
+    trained, rep = fuse(fold_frozen_bn(model, "training"), report=True)
     assert sum(type(m) is FoldedConv2d for m in trained.modules()) == 53
-    fused = [m for m in trained.modules() if isinstance(m, FoldedFrozenBatchNorm)]
-    assert sum(m.activation == "relu" for m in fused) == 49
-    check_state_dict(model, trained)
-    check_close(model, trained, SMALL)
-
-    # policy="auto": the 49 BatchNorms fuse merges with a ReLU (or add + ReLU) stay for
-    # fuse; the four downsample BatchNorms, alone in their pass, fold whole
-    folded, rep = fold_frozen_bn(model, "training", policy="auto", report=True)
-    assert [p.bn for p in rep.folded] == [f"layer{i}.0.downsample.1" for i in range(1, 5)]
-    assert len(rep.unfolded) == 49
-    assert all("computes relu" in s.reason or "computes add -> relu" in s.reason
-               for s in rep.unfolded)
-    trained, frep = fuse(folded, report=True)
-    assert frep.count() == 49 and frep.count(residual=True) == 16
-    assert all(m.fold_shift for m in trained.modules() if isinstance(m, FoldedConv2d))
+    assert rep.count(activation="relu") == 49 and rep.count(residual=True) == 16
     check_state_dict(model, trained)
     check_close(model, trained, SMALL)
     check_close(model, trained, IMAGE[:1, :, :, :48])
@@ -130,14 +118,13 @@ def test_inference_shift_on_bn_fuses():
 
 def test_detection_model():
     det = frozen(tvm.detection.fasterrcnn_resnet50_fpn(**DET))
-    # the detector's own forward does not trace: its traceable parts are folded
+    # the detector's own forward does not trace: its modules' forwards are folded
     with warnings.catch_warnings():
         warnings.simplefilter("error", FrozenNormWarning)
-        folded, rep = fold_frozen_bn(det, "training", policy="auto", report=True)
-    assert len(rep.folded) == 4 and len(rep.unfolded) == 49  # see test_resnet50_...
-    assert [(e.path, e.module_type) for e in rep.untraced] == [("", "FasterRCNN")]
+        folded, rep = fold_frozen_bn(det, "training", report=True)
+    assert len(rep.folded) == 53 and rep.unfolded == [] and rep.untraced == []
     assert all(p.conv.startswith("backbone.body.") for p in rep.folded)
-    folded, frep = fuse(folded, submodule="backbone.body", report=True)
+    folded, frep = fuse(folded, report=True)
     assert frep.count() == 49
     check_state_dict(det, folded)
     check_close(det.backbone, folded.backbone, SMALL)
@@ -148,17 +135,10 @@ def test_timm_models():
     x = SMALL
     for name, n_pairs in (("efficientnet_b0", 49), ("mobilenetv3_small_050", 34)):
         model = frozen(timm.create_model(name))
-        folded, rep = fold_frozen_bn(model, "training", policy="all", report=True)
+        folded, rep = fold_frozen_bn(model, "training", report=True)
         assert len(rep.folded) == n_pairs and rep.unfolded == []
         check_state_dict(model, folded)
         check_close(model, fuse(folded), x)
-        # auto: the BN+activation layers stay (fused), the projections fold whole
-        auto, rep = fold_frozen_bn(model, "training", policy="auto", report=True)
-        assert 0 < len(rep.folded) < n_pairs and len(rep.folded) + len(rep.unfolded) == n_pairs
-        assert all(not isinstance(m, FoldedFrozenBatchNorm) or m.conv_applies_shift
-                   for m in auto.modules())
-        check_state_dict(model, auto)
-        check_close(model, fuse(auto), x)
         if name == "efficientnet_b0":  # BN+SiLU layers: the act stays, the BN goes
             with torch.no_grad():
                 assert_close_rel(fold_frozen_bn(model.eval())(x), model(x), 1e-4)
@@ -202,27 +182,22 @@ class Convs(nn.Module):
 CONV_INPUTS = (torch.randn(2, 4, 7), torch.randn(2, 4, 9, 9), torch.randn(2, 4, 3, 5, 5))
 
 
-@pytest.mark.parametrize("mode,policy", [("inference", "auto"), ("training", "all"),
-                                         ("training", "auto")])
+@pytest.mark.parametrize("mode", ["inference", "training"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_conv_variants(mode, policy, dtype):
+def test_conv_variants(mode, dtype):
     model = frozen(Convs()).to(dtype)
     for p in model.parameters():  # randomize the conv biases too
         nn.init.normal_(p)
-    folded, rep = fold_frozen_bn(model, mode, policy=policy, report=True)
-    auto = mode == "training" and policy == "auto"
-    names = ("c2", "c3") if auto else ("c1", "c2", "c3")
+    folded, rep = fold_frozen_bn(model, mode, report=True)
+    names = ("c1", "c2", "c3")
     assert [(p.conv, p.bn) for p in rep.folded] == [(c, "b" + c[1]) for c in names]
     reasons = {s.name: s.reason for s in rep.unfolded}
-    assert set(reasons) == {"bt", "b4", "b5"} | ({"b1"} if auto else set())
+    assert set(reasons) == {"bt", "b4", "b5"}
     assert "ConvTranspose2d" in reasons["bt"] and "other users" in reasons["b4"]
     assert "add" in reasons["b5"]
-    if auto:  # its ReLU goes into its pass with fuse()
-        assert "computes relu" in reasons["b1"] and type(folded.c1) is nn.Conv1d
     if mode == "training":
         assert [type(folded.get_submodule(n)) for n in names] == [
-            {"c1": FoldedConv1d, "c2": FoldedConv2d, "c3": FoldedConv3d}[n] for n in names]
-        assert all(folded.get_submodule(n).fold_shift == auto for n in names)
+            FoldedConv1d, FoldedConv2d, FoldedConv3d]
         check_state_dict(model, folded)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     check_close(model, folded, *(x.to(dtype) for x in CONV_INPUTS), rtol=rtol,
@@ -230,23 +205,22 @@ def test_conv_variants(mode, policy, dtype):
 
 
 def test_fold_after_fuse():
+    """fuse() rewrites forwards, fold_frozen_bn() swaps modules: in either order, the
+    rewritten forwards' fused calls reach the modules now at the BatchNorms' places."""
     model = frozen(tvm.resnet18())
     fused = fuse(model)
-    folded, rep = fold_frozen_bn(fused, "training", policy="all", report=True)
+    folded, rep = fold_frozen_bn(fused, "training", report=True)
     assert len(rep.folded) == 20
-    assert folded.layer1[0].bn2.activation == "relu"  # a fused BN keeps its activation
-    check_state_dict(model, folded)
-    check_close(model, folded, SMALL)
-    # auto: the fused BatchNorms (ReLU, add + ReLU) stay, the three downsample ones fold
-    folded, rep = fold_frozen_bn(fused, "training", policy="auto", report=True)
-    assert [p.bn for p in rep.folded] == [f"layer{i}.0.downsample.1" for i in range(2, 5)]
-    assert type(folded.layer1[0].bn2) is FusedFrozenBatchNorm
+    assert type(folded.layer1[0].bn2) is FoldedFrozenBatchNorm
+    assert "forward" in folded.layer1[0].__dict__  # still the fused forward
     check_state_dict(model, folded)
     check_close(model, folded, SMALL)
     with torch.no_grad():
-        deploy = fold_frozen_bn(fused.eval())
-        assert isinstance(deploy.layer1[0].bn2, FusedFrozenBatchNorm)
-        assert_close_rel(deploy(SMALL), model.eval()(SMALL), 1e-4)
+        for shift in ("conv_bias", "bn"):
+            deploy = fold_frozen_bn(fused.eval(), shift=shift)
+            assert type(deploy.layer1[0].bn2) is (IdentityBatchNorm if shift == "conv_bias"
+                                                  else FrozenBatchNorm2d)
+            assert_close_rel(deploy(SMALL), model.eval()(SMALL), 1e-4)
 
 
 # --------------------------------------------------------------------------------------
@@ -255,19 +229,19 @@ def test_fold_after_fuse():
 
 def test_folded_modules_copy_cast_and_stay_frozen():
     model = frozen(tvm.resnet18())
-    folded = fold_frozen_bn(model, "training", policy="all")
+    folded = fold_frozen_bn(model, "training")
     for clone in (copy.deepcopy(folded), pickle.loads(pickle.dumps(folded))):
         assert clone.conv1._folded_bn is clone.bn1 and clone.bn1 is not folded.bn1
         check_close(model, clone, SMALL, grads=False)
     # casts: the conv follows the BN's buffers, which stay float32 under bfloat16
     half, model_half = copy.deepcopy(folded).bfloat16(), copy.deepcopy(model).bfloat16()
-    assert half.bn1.running_mean.dtype == torch.float32
+    assert half.bn1.statistics()["running_mean"].dtype == torch.float32
     assert half.conv1.weight.dtype == torch.bfloat16
     with torch.no_grad():
         x = SMALL.bfloat16()
         assert_close_rel(half(x), model_half(x), 5e-2)
     double = copy.deepcopy(folded).double()
-    assert double.conv1._folded_bn.running_var.dtype == torch.float64
+    assert double.conv1._folded_bn.statistics()["running_var"].dtype == torch.float64
     # the converter and reverter leave the folded halves alone: it still computes the same
     with pytest.warns(FrozenNormWarning, match="FoldedFrozenBatchNorm"):
         reverted = revert_frozen_bn(copy.deepcopy(folded))
@@ -276,6 +250,9 @@ def test_folded_modules_copy_cast_and_stay_frozen():
         check_close(model, again, SMALL, grads=False)
     # statistics receive no gradient; nothing new to train
     assert [n for n, _ in folded.named_parameters()] == [n for n, _ in model.named_parameters()]
+    # still frozen normalisation layers to audit
+    assert [(r.name, r.frozen, r.updates_stats) for r in audit(folded)] == [
+        (r.name, True, False) for r in audit(model)]
 
 
 class Opaque(nn.Module):
@@ -296,136 +273,71 @@ def test_untraceable_forward_warns_and_arguments_are_checked():
         folded, rep = fold_frozen_bn(model, "training", report=True)
     assert [(p.conv, p.bn) for p in rep.folded] == [("1.0", "1.1")]
     assert [(s.name, s.reason) for s in rep.unfolded] == [
-        ("0.bn", "inside a forward that does not trace")]
+        ("0.bn", "called from a forward that does not trace")]
     assert [(e.path, e.module_type) for e in rep.untraced] == [("0", "Opaque")]
-    folded, rep = fold_frozen_bn(model, "training", leaf_modules=[Opaque], report=True)
-    assert len(rep.folded) == 1 and rep.untraced == []
-    assert [(s.name, s.reason) for s in rep.unfolded] == [("0.bn", "inside a leaf module")]
     with pytest.raises(ValueError, match="mode"):
         fold_frozen_bn(model, "train")
     with pytest.raises(ValueError, match="conv_bias"):
         fold_frozen_bn(model, "training", shift="conv_bias")
-    with pytest.raises(ValueError, match="policy"):
-        fold_frozen_bn(model, "training", policy="some")
 
 
 # --------------------------------------------------------------------------------------
-# policy="auto": whole-map folds, the per-call choice, the kept scaled weight
+# What a fold leaves, in a framework's conv+BN fuser's hands
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("conv", [
-    nn.Conv1d(3, 5, 3), nn.Conv1d(3, 6, 4, stride=3, padding=2, dilation=2, groups=3),
-    nn.Conv2d(4, 6, 3, padding="same", dilation=2), nn.Conv2d(4, 6, (2, 5), padding="valid"),
-    nn.Conv2d(4, 8, 3, stride=(2, 3), padding=(1, 2), padding_mode="reflect"),
-    nn.Conv2d(4, 4, 7, stride=2, padding=3, groups=4),
-    nn.Conv3d(2, 3, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))])
-def test_output_numel_matches_the_conv(conv):
-    from frozennorm.fold import _output_numel
-    dims = len(conv.kernel_size)
-    for batch in ([], [1], [3]):  # unbatched too
-        for size in (5, 8, 11):
-            x = torch.randn(batch + [conv.in_channels] + [size] * dims)
-            assert _output_numel(conv, x) == conv(x).numel(), (batch, size)
-
-
-class Wide(nn.Module):
-    """Two 1x1 convs (weights of 256 x 128 and 4 x 256 elements), each followed by a
-    BatchNorm alone in its pass: whole-map folds."""
-
-    def __init__(self):
-        super().__init__()
-        self.big = nn.Conv2d(128, 256, 1, bias=True)
-        self.bn_big = FrozenBatchNorm2d(256)
-        self.small = nn.Conv2d(256, 4, 1, bias=False)
-        self.bn_small = FrozenBatchNorm2d(4)
-
-    def forward(self, x):
-        return self.bn_small(self.small(self.bn_big(self.big(x))))
-
-
-def test_auto_picks_the_cheaper_way_per_call():
-    """A weight is scaled when the conv's output is at least as large (batch 2 at 12x12:
-    73728 >= 32768 and 1152 >= 1024 elements), else left alone for a pass over the output
-    (1 x 4 x 4: 4096 and 64 elements); both ways give the unfolded results and gradients."""
-    model = frozen(Wide())
+def routed_model(seed: int = 0) -> nn.Module:
+    """Two layers of the Ultralytics kind (conv -> bn -> act, a forward_fuse)."""
+    model = nn.Sequential(Routed(), Routed())
+    model[1].conv = nn.Conv2d(8, 8, 3, padding=1, bias=True)
     for p in model.parameters():
-        nn.init.normal_(p, std=0.1)
-    folded, rep = fold_frozen_bn(model, "training", policy="auto", report=True)
-    assert [p.bn for p in rep.folded] == ["bn_big", "bn_small"]
-    assert type(folded.bn_big) is FoldedFrozenBatchNorm and folded.bn_big.conv_applies_shift
-    for shape, scaled in (((2, 128, 12, 12), True), ((1, 128, 4, 4), False)):
-        x = torch.randn(shape)
-        assert folded.big._scale_weight(x) is scaled
-        assert folded.small._scale_weight(torch.randn(shape[0], 256, *shape[2:])) is scaled
-        check_close(model, folded, x, rtol=1e-5)
-    # without gradients the scaled weight is kept, so it always pays
+        nn.init.normal_(p, std=0.3)
+    return frozen(model, seed).eval()
+
+
+def test_inference_fold_survives_a_duck_typed_fuser():
+    """What an inference fold leaves at the BatchNorm's place folds again exactly: the
+    framework's fuser (which reads bn.running_mean etc. by name and folds in place) then
+    changes nothing."""
+    model = routed_model()
+    x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        assert folded.big._scale_weight(torch.randn(1, 128, 1, 1))
-    frozen_conv = copy.deepcopy(folded).requires_grad_(False)
-    assert frozen_conv.big._scale_weight(torch.randn(1, 128, 1, 1))
+        expected = model(x)
+        for shift in ("conv_bias", "bn"):
+            deploy = fold_frozen_bn(model, shift=shift)
+            bn = deploy[0].bn
+            assert type(bn) is (IdentityBatchNorm if shift == "conv_bias" else FrozenBatchNorm2d)
+            assert bn.eps == 0.0 and torch.equal(bn.running_var, torch.ones(8))
+            out = deploy(x)
+            assert_close_rel(out, expected, 1e-5)
+            refused = duck_fuse(copy.deepcopy(deploy))
+            assert not hasattr(refused[0], "bn")
+            torch.testing.assert_close(refused(x), out, rtol=0, atol=0)  # exactly the same
+    ident = IdentityBatchNorm(4).half()
+    assert ident.running_mean.dtype == torch.float16 and list(ident.state_dict()) == []
+    y, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert ident.float()(y) is y
+    torch.testing.assert_close(ident(y, r, "relu"), torch.relu(y + r), rtol=0, atol=0)
 
 
-def test_scaled_weight_is_kept_while_nothing_changes():
-    model = frozen(Wide())
-    folded = fold_frozen_bn(model, "training", policy="auto")
-    conv, bn = folded.big, folded.bn_big
-    x = torch.randn(1, 128, 4, 4)
-
-    def same_as_unfolded():
-        with torch.no_grad():
-            assert_close_rel(folded(x), model(x), 1e-5)
-
-    # a weight that receives gradients is scaled anew at every call, in the graph
-    w1, _ = conv._folded_parameters(bn)
-    w2, _ = conv._folded_parameters(bn)
-    assert w1 is not w2 and w1.requires_grad
+def test_training_fold_refuses_a_duck_typed_fuser_then_folds_for_inference():
+    model = routed_model()
+    x = torch.randn(2, 3, 8, 8)
+    trained = fold_frozen_bn(model, "training")
+    bn = trained[0].bn
+    # no BatchNorm attributes: a fuser cannot fold the scale in a second time
+    assert not any(hasattr(bn, a) for a in ("running_mean", "running_var", "weight", "bias", "eps"))
+    with pytest.raises(AttributeError, match=r"fold_frozen_bn\(model\) completes"):
+        duck_fuse(copy.deepcopy(trained))
+    assert set(bn.statistics()) == {"weight", "bias", "running_mean", "running_var"}
+    assert list(trained.state_dict()) == list(model.state_dict())
+    # an inference fold completes the training fold; then the fuser is harmless
+    deploy, rep = fold_frozen_bn(trained, report=True)
+    assert len(rep.folded) == 2 and type(deploy[0].conv) is nn.Conv2d
+    assert type(deploy[0].bn) is IdentityBatchNorm
     with torch.no_grad():
-        w1, b1 = conv._folded_parameters(bn)
-        w2, b2 = conv._folded_parameters(bn)
-        assert w1 is w2 and b1 is b2 and not w1.requires_grad
-        same_as_unfolded()
-        # an optimizer step (in place) on the weight, then on the bias
-        for p_folded, p_model in ((conv.weight, model.big.weight), (conv.bias, model.big.bias)):
-            p_folded.mul_(1.5)
-            p_model.mul_(1.5)
-            w3, b3 = conv._folded_parameters(bn)
-            assert w3 is not w1 or b3 is not b1
-            w1, b1 = w3, b3
-            same_as_unfolded()
-    # new statistics (load_state_dict copies into the buffers)
-    other = frozen(Wide(), seed=3)
-    other.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        other.bn_big.running_var.mul_(4.0)
-    folded.load_state_dict(other.state_dict())
-    model.load_state_dict(other.state_dict())
-    with torch.no_grad():
-        assert conv._folded_parameters(bn)[0] is not w1
-    same_as_unfolded()
-    # casts, copies and pickles: recomputed, not carried along
-    double = copy.deepcopy(folded).double()
-    assert "_folded_cache" not in double.big.__dict__
-    with torch.no_grad():
-        assert double.big._folded_parameters(double.bn_big)[0].dtype == torch.float64
-        assert_close_rel(double(x.double()), model.double()(x.double()), 1e-12)
-    assert "_folded_cache" not in pickle.loads(pickle.dumps(folded)).big.__dict__
-
-
-def test_frozen_convs_train_with_kept_weights():
-    """A partly frozen backbone (requires_grad=False convs, as detection fine-tuning does):
-    the frozen convs reuse their scaled weights across training steps, the others get
-    exact gradients."""
-    model = frozen(tvm.resnet18())
-    for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith(("conv1", "layer1")))
-    folded = fuse(fold_frozen_bn(model, "training", policy="all"))
-    x = SMALL
-    run(folded, x)
-    def kept_weight(conv):  # what the conv's last call used, as kept between calls
-        return conv.__dict__["_folded_cache"][-1][0]
-
-    kept = kept_weight(folded.conv1)
-    assert "_folded_cache" not in folded.layer2[0].conv1.__dict__
-    run(folded, x)
-    assert kept_weight(folded.conv1) is kept
-    check_close(model, folded, x)
+        expected = model(x)
+        assert_close_rel(deploy(x), expected, 1e-5)
+        assert_close_rel(duck_fuse(deploy)(x), expected, 1e-5)
+    # a second training fold changes nothing
+    again, rep = fold_frozen_bn(trained, "training", report=True)
+    assert rep.folded == [] and {s.reason for s in rep.unfolded} == {"already folded (training mode)"}

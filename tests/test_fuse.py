@@ -1,10 +1,10 @@
-"""fuse(): frozen BN -> [add ->] activation chains rewritten to FusedFrozenBatchNorm.
+"""fuse(): frozen BN -> [add ->] activation chains computed by one fused call.
 
 Each model gets random BatchNorm statistics, is converted (convert_frozen_bn) and put in
 train mode with dropout off; the fused model must give the unfused one's output, input
 gradient and parameter gradients (bit for bit for ReLU/identity models, in float32 and
-bfloat16; SiLU within an ulp), with the same state dict keys, and the counts of fused sites
-are checked against the architecture.
+bfloat16; SiLU within an ulp), with the same modules (classes included) and state dict,
+and the counts of fused sites are checked against the architecture.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from frozennorm import (FrozenBatchNorm2d, FrozenBatchNormAct2d, FusedFrozenBatchNorm,
-                        UntraceableError, convert_frozen_bn, fuse)
+from frozennorm import (FrozenBatchNorm2d, FrozenBatchNormAct2d, convert_frozen_bn,
+                        revert_frozen_bn, fuse)
+from frozennorm.fuse import FusedForward, unfuse
 
 from model_helpers import assert_close_rel, randomize_norm_stats_, train_without_dropout
 
@@ -59,8 +60,16 @@ def run(model: nn.Module, *inputs: Tensor) -> Tuple[List[Tensor], List[Tensor], 
     return [o.detach() for o in outs], [x.grad for x in inputs], grads
 
 
+def fused_forwards(model: nn.Module) -> List[str]:
+    """Names of the modules that run a forward fuse() rewrote."""
+    return [n for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), FusedForward)]
+
+
 def check_same(model: nn.Module, fused: nn.Module, *inputs: Tensor, rtol: float = 0.0) -> None:
-    """Same state dict keys and values; same outputs and gradients (equal when rtol is 0)."""
+    """Same modules (names and classes), state dict keys and values; same outputs and
+    gradients (equal when rtol is 0)."""
+    assert [(n, type(m)) for n, m in fused.named_modules()] == [
+        (n, type(m)) for n, m in model.named_modules()]
     sd, fused_sd = model.state_dict(), fused.state_dict()
     assert list(fused_sd) == list(sd)
     assert all(torch.equal(fused_sd[k], v) for k, v in sd.items())
@@ -102,11 +111,13 @@ def test_torchvision_resnet(name, dtype, n_relu, n_tail):
     assert [s.reason.split(" of ")[0] for s in rep.unfused] == ["it is the residual"] * len(
         rep.unfused)
     assert all(s.name.endswith("downsample.1") for s in rep.unfused)
-    assert isinstance(fused, torch.fx.GraphModule)
-    assert isinstance(fused.get_submodule(tails[0]), FusedFrozenBatchNorm)
-    # the original is untouched; the shared self.relu still serves its other call sites
-    assert type(model.get_submodule(tails[0])) is FrozenBatchNorm2d
+    # the stem (the model's own forward) and every block run a rewritten forward; the
+    # BatchNorm layers stay what they were, the shared self.relu serves its other calls
+    assert fused_forwards(fused) == [""] + [n for n, m in fused.named_modules()
+                                            if type(m).__name__ in ("BasicBlock", "Bottleneck")]
+    assert type(fused) is type(model) and type(fused.get_submodule(tails[0])) is FrozenBatchNorm2d
     assert type(fused.layer1[0].relu) is nn.ReLU
+    assert fused_forwards(model) == []  # the original is untouched
     check_same(model, fused, (IMAGE if name == "resnet18" else SMALL).to(dtype))
 
 
@@ -124,22 +135,17 @@ def test_mobilenet_v3_fuses_only_supported_activations():
     assert rep.count(activation="relu") == 5
     assert rep.count(activation="identity", residual=True) == 6
     after = [type(fused.get_submodule(s.reason.split()[-1]))
-             for s in rep.unfused if "goes to" in s.reason]
+             for s in rep.unfused if "goes to" in s.reason and "the output" not in s.reason]
     assert nn.Hardswish in after and nn.ReLU not in after
     check_same(model, fused, SMALL)
 
 
-def test_detection_backbone_body():
+def test_detection_model():
+    """The detector's own forward does not trace: what its modules' forwards call is fused."""
     det = convert_frozen_bn(tvm.detection.fasterrcnn_resnet50_fpn(**DET), strict=True)
     randomize_norm_stats_(det, seed=0)
-    with pytest.raises(UntraceableError) as info:
-        fuse(det)
-    err = info.value
-    assert (err.path, err.module_type, err.suggestions) == ("", "FasterRCNN", ["backbone"])
-    assert "submodule=['backbone']" in str(err)
-
-    fused, rep = fuse(det, submodule="backbone.body", report=True)
-    assert type(fused) is type(det) and isinstance(fused.backbone.body, torch.fx.GraphModule)
+    fused, rep = fuse(det, report=True)
+    assert rep.untraced == [] and fused_forwards(fused)[0] == "backbone.body"
     assert (rep.count(residual=False), rep.count(residual=True)) == (33, 16)
     assert rep.fused[0].name == "backbone.body.bn1"
     check_same(det.backbone.train(), fused.backbone.train(), IMAGE[:1])
@@ -171,12 +177,11 @@ def test_timm_efficientnet_batchnorm_act():
     n_act = sum(isinstance(m, FrozenBatchNormAct2d) and isinstance(m.act, nn.SiLU)
                 for m in model.modules())
     fused, rep = fuse(model, report=True)
-    # FrozenBatchNormAct2d(SiLU) -> fused SiLU; bn3 (no act) -> drop_path -> + shortcut
-    assert rep.count(activation="silu") == n_act == 33
-    assert rep.count(activation="identity", residual=True) == 9
-    assert not any(type(m) is FrozenBatchNormAct2d and isinstance(m.act, nn.SiLU)
-                   for m in fused.modules())
-    check_same(model, fused, SMALL, rtol=1e-5)  # SiLU: within an ulp, not bit for bit
+    # FrozenBatchNormAct2d(SiLU) runs its SiLU in its own pass already; bn3 (a
+    # FrozenBatchNormAct2d without act) -> drop_path -> + shortcut fuses
+    assert sum("runs its own SiLU" in s.reason for s in rep.unfused) == n_act == 33
+    assert rep.count() == rep.count(activation="identity", residual=True) == 9
+    check_same(model, fused, SMALL)
 
 
 # --------------------------------------------------------------------------------------
@@ -224,30 +229,31 @@ def test_patterns():
     model = frozen(Patterns())
     fused, rep = fuse(model, report=True)
     got = {s.name: (s.activation, s.residual) for s in rep.fused}
+    # a module called at two places is fused at each call that can be (the module itself
+    # does not change): shared(x) takes shared(r) as its residual
     assert got == {"bn1": ("relu", False), "bn2": ("relu", False), "bn3": ("relu", False),
                    "bn4": ("silu", False), "bn5": ("relu6", True), "bn6": ("relu", True),
-                   "bn7": ("identity", True), "bn9": ("relu", True)}
+                   "bn7": ("identity", True), "bn9": ("relu", True),
+                   "shared": ("identity", True)}
     reasons = {s.name: s.reason for s in rep.unfused}
     assert set(reasons) == {"bn8", "shared", "hooked", "bn10", "bn11"}
-    assert "2 users" in reasons["bn8"] and "2 places" in reasons["shared"]
-    assert "hooks" in reasons["hooked"]
-    assert [n for n, _ in fused.named_modules()] == [n for n, _ in model.named_modules()]
+    assert "2 users" in reasons["bn8"] and reasons["shared"] == "it is the residual of shared"
+    assert "hooks" in reasons["hooked"] and "goes to mul" in reasons["bn11"]
     x, r = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
     check_same(model, fused, x, r)
 
 
 def test_fuse_twice_changes_nothing():
     model = frozen(tvm.resnet18())
-    once = fuse(model)
-    twice, rep = fuse(once, report=True)
-    assert rep.count() == 0
-    assert {s.reason for s in rep.unfused if "downsample" not in s.name} == {
-        "already fused with relu"}
+    once, rep1 = fuse(model, report=True)
+    twice, rep2 = fuse(once, report=True)
+    assert rep2 == rep1 and fused_forwards(twice) == fused_forwards(once)
     check_same(once, twice, SMALL)
+    check_same(model, twice, SMALL)
 
 
 # --------------------------------------------------------------------------------------
-# Untraceable modules, submodule=, inplace=
+# Untraceable modules, inplace=
 # --------------------------------------------------------------------------------------
 
 class DataDependent(nn.Module):
@@ -272,48 +278,156 @@ class Net(nn.Module):
         return self.head(self.body(self.stem(x)))
 
 
-def test_untraceable_error_names_the_module():
+def test_untraceable_forward_is_reported_and_the_rest_fused():
     model = frozen(Net())
-    with pytest.raises(UntraceableError) as info:
-        fuse(model)
-    err = info.value
-    assert (err.path, err.module_type) == ("body.1", "DataDependent")
-    assert err.suggestions == ["stem", "head"]
-    assert "leaf_modules=['body.1']" in str(err) and "submodule=['stem', 'head']" in str(err)
-    with pytest.raises(UntraceableError) as info:
-        fuse(model, submodule="body")
-    assert (info.value.path, info.value.suggestions) == ("body.1", [])
-
-    x = torch.randn(2, 4, 3, 3)
-    for kwargs, sites in (({"submodule": ["stem", "head"]}, ["stem.1", "head.1"]),
-                          ({"leaf_modules": ["body.1"]}, ["stem.1", "head.1"]),
-                          ({"leaf_modules": [DataDependent]}, ["stem.1", "head.1"])):
-        fused, rep = fuse(model, report=True, **kwargs)
-        assert fused_names(rep) == sites
-        check_same(model, fused, x)
+    fused, rep = fuse(model, report=True)
+    # Net's forward goes through its Sequential children; DataDependent's does not trace
+    assert fused_names(rep) == ["stem.1", "head.1"] and fused_forwards(fused) == [""]
+    assert [(e.path, e.module_type) for e in rep.untraced] == [("body.1", "DataDependent")]
+    assert "'body.1' (DataDependent)" in str(rep.untraced[0]) and "TraceError" in str(
+        rep.untraced[0])
+    assert [(s.name, s.reason) for s in rep.unfused] == [
+        ("body.1.bn", "called from a forward that does not trace")]
+    check_same(model, fused, torch.randn(2, 4, 3, 3))
 
 
 def test_inplace():
     model = frozen(Net())
     params = list(model.parameters())
-    fused = fuse(model, submodule="head", inplace=True)
-    assert fused is model and isinstance(model.head, torch.fx.GraphModule)
-    assert isinstance(model.head.get_submodule("1"), FusedFrozenBatchNorm)
+    fused = fuse(model, inplace=True)
+    assert fused is model and fused_forwards(model) == [""]
     assert all(p is q for p, q in zip(model.parameters(), params))
     untouched = frozen(Net())
-    copy_ = fuse(untouched, submodule="stem")
-    assert type(untouched.stem) is nn.Sequential and type(untouched.stem[1]) is FrozenBatchNorm2d
+    copy_ = fuse(untouched)
+    assert fused_forwards(untouched) == [] and fused_forwards(copy_) == [""]
     assert all(p is not q for p, q in zip(copy_.parameters(), untouched.parameters()))
 
 
-def test_fused_model_loads_state_dicts_and_deepcopies():
+class Routed(nn.Module):
+    """A framework's layer: attributes its parent routes by (Ultralytics' f, i, type), a
+    forward that calls conv -> bn -> act, and a second forward the framework switches to
+    after folding bn into conv itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = FrozenBatchNorm2d(8)
+        self.act = nn.SiLU()
+        self.f, self.i, self.type = -1, 0, "Routed"
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+    def forward_fuse(self, x):
+        return self.act(self.conv(x))
+
+
+class RoutedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Routed(), Routed()])
+        self.layers[1].conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.layers[1].f, self.layers[1].i = 0, 1
+
+    def forward(self, x):
+        outs = []
+        for m in self.layers:  # routing by attribute: fx cannot trace this forward
+            x = (outs[m.f] if m.f != -1 else x) if outs else x
+            x = m(x)
+            outs.append(x)
+        if x.sum() > 1e9:
+            x = x * 2
+        return x
+
+
+def duck_fuse(model: nn.Module) -> nn.Module:
+    """A framework's conv+BN fuser of the Ultralytics kind: every module with ``conv`` and
+    ``bn`` gets ``bn`` folded into ``conv`` in place (by attribute names), loses ``bn`` and
+    runs ``forward_fuse``."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    for m in model.modules():
+        if hasattr(m, "conv") and hasattr(m, "bn") and hasattr(m, "forward_fuse"):
+            bn = m.bn
+            m.conv.weight, m.conv.bias = fuse_conv_bn_weights(
+                m.conv.weight, m.conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                bn.bias)
+            delattr(m, "bn")
+            m.forward = m.forward_fuse
+    return model
+
+
+def test_frameworks_routing_forward_and_fuser_keep_working():
+    model = frozen(RoutedModel())
+    x = torch.randn(2, 3, 8, 8)
+    fused, rep = fuse(model, report=True)
+    assert fused_names(rep, "silu") == ["layers.0.bn", "layers.1.bn"]
+    assert [(e.path, e.module_type) for e in rep.untraced] == []
+    assert fused_forwards(fused) == ["layers.0", "layers.1"]
+    assert [(m.f, m.i, m.type) for m in fused.layers] == [(-1, 0, "Routed"), (0, 1, "Routed")]
+    check_same(model, fused, x, rtol=1e-6)  # SiLU
+    # the framework's own fuser: the BatchNorm is a plain frozen BatchNorm it folds, its
+    # forward_fuse replaces the rewritten forward
+    with torch.no_grad():
+        expected = model.eval()(x)
+        for m in (duck_fuse(copy.deepcopy(model)), duck_fuse(copy.deepcopy(fused).eval())):
+            assert_close_rel(m(x), expected, 1e-5)
+            assert fused_forwards(m) == []
+
+
+def test_script_trace_export_of_a_fused_model():
+    model = frozen(tvm.resnet18()).eval()
+    fused = fuse(model)
+    x = SMALL
+    with torch.no_grad():
+        ref = model(x)
+        # TorchScript compiles class forwards: it refuses the ones on instances, saying what
+        # to do, and scripts the same model unfused
+        with pytest.raises(TypeError, match="before fusing"):
+            torch.jit.script(fused)
+        assert fused_forwards(fused) == fused_forwards(fuse(model))  # (left as it was)
+        torch.testing.assert_close(torch.jit.script(unfuse(copy.deepcopy(fused)))(x), ref,
+                                   rtol=0, atol=0)
+        traced = torch.jit.trace(fused, x)  # the rewritten forwards, as called
+        torch.testing.assert_close(traced(x), ref, rtol=0, atol=0)
+        assert "frozen_bn_act" in str(traced.inlined_graph)
+        # torch.fx sees the classes' forwards too (what create_feature_extractor traces)
+        torch.testing.assert_close(torch.fx.symbolic_trace(fused)(x), ref, rtol=0, atol=0)
+
+
+def test_revert_after_fuse():
+    model = frozen(tvm.resnet18())
+    fused = fuse(model)
+    reverted = revert_frozen_bn(copy.deepcopy(fused))
+    # the forwards that called the reverted layers fused are gone: the live model runs
+    assert fused_forwards(reverted) == []
+    assert isinstance(reverted.layer1[0].bn1, nn.BatchNorm2d)
+    reverted.eval()
+    with torch.no_grad():
+        assert_close_rel(reverted(SMALL), model.eval()(SMALL), 1e-6)
+    # partial revert: only the forwards that call a reverted layer
+    part = revert_frozen_bn(copy.deepcopy(fused), include="layer4")
+    assert fused_forwards(part) == [n for n in fused_forwards(fused) if not n.startswith("layer4")]
+    assert unfuse(part) is part and fused_forwards(part) == []
+
+
+def test_fused_model_loads_state_dicts_deepcopies_and_pickles():
+    import io
+    import pickle
+
     model = frozen(tvm.resnet18())
     fused = fuse(model)
     other = frozen(tvm.resnet18(), seed=3)
     fused.load_state_dict(other.state_dict(), strict=True)
-    copied = copy.deepcopy(fused)
-    assert list(copied.state_dict()) == list(other.state_dict())
-    check_same(other, copied, SMALL)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused)),
+                  torch.load(buf, weights_only=False)):
+        assert fused_forwards(clone) == fused_forwards(fused)
+        assert clone.layer1[0].forward.module is clone.layer1[0]  # not the original's
+        assert list(clone.state_dict()) == list(other.state_dict())
+        check_same(other, clone, SMALL)
 
 
 def test_fuse_and_fold_example_runs():
@@ -327,9 +441,9 @@ def test_fuse_and_fold_example_runs():
     out = subprocess.run([sys.executable, str(script), "--model", "resnet18", "--batch-size", "2",
                           "--image-size", "64"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    # ResNet-18: 20 conv -> BN pairs; 9 BN -> ReLU (stem + each block's first) and 8 tails
-    # are left to fuse, the 3 downsample BNs are folded
-    assert "folded 3 conv -> frozen BatchNorm pair(s) (training)" in out.stdout
+    # ResNet-18: 9 BN -> ReLU (stem + each block's first) and 8 tails fuse, the 3 downsample
+    # BNs are residuals; 20 conv -> BN pairs fold
+    assert "folded 20 conv -> frozen BatchNorm pair(s) (training)" in out.stdout
     assert "9 x bn -> relu" in out.stdout and "8 x bn + add -> relu" in out.stdout
     diffs = [float(d) for d in re.findall(r"max difference ([0-9.e+-]+)", out.stdout)]
-    assert len(diffs) == 2 and all(d < 1e-5 for d in diffs), out.stdout
+    assert len(diffs) == 3 and diffs[0] == 0.0 and all(d < 1e-5 for d in diffs), out.stdout

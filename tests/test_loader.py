@@ -11,6 +11,7 @@ import torch
 
 import frozennorm  # noqa: F401  (registers the ops)
 from frozennorm import _loader, ops
+from frozennorm._op import fallback
 
 from oracle import DTYPES, fixed_samples, make_sample
 
@@ -30,13 +31,13 @@ def test_fallback_matches_compiled(dtype, layout):
         pytest.skip("the compiled extension is not installed")
     s = make_sample([2, 8, 5, 6], dtype, layout, "mean_gg_std", seed=1)
     y, scale = torch.ops.frozennorm.frozen_bn(*s.args())
-    y_ref, scale_ref = ops.frozen_bn_fallback(*s.args())
+    y_ref, scale_ref = fallback.frozen_bn_fallback(*s.args())
     assert y_ref.stride() == y.stride()
     torch.testing.assert_close(scale_ref, scale, rtol=2**-22, atol=0)
     tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
     torch.testing.assert_close(y_ref.double(), y.double(), rtol=tol, atol=tol)
     g = torch.randn_like(y)
-    torch.testing.assert_close(ops.frozen_bn_backward_fallback(g, scale),
+    torch.testing.assert_close(fallback.frozen_bn_backward_fallback(g, scale),
                                torch.ops.frozennorm.frozen_bn_backward(g, scale), rtol=tol, atol=tol)
 
 
@@ -44,7 +45,7 @@ def test_forced_fallback_backend_runs_and_is_silent():
     code = (
         "import warnings; warnings.simplefilter('error')\n"
         "import torch, frozennorm\n"
-        "assert not frozennorm.COMPILED\n"
+        "assert not frozennorm.ops.COMPILED\n"
         "m = frozennorm.FrozenBatchNorm2d(4)\n"
         "x = torch.randn(2, 4, 3, 3, requires_grad=True)\n"
         "m(x).sum().backward()\n"
@@ -60,7 +61,7 @@ def test_missing_extension_falls_back_with_one_warning():
         "import sys, warnings\n"
         "sys.modules['frozennorm._C'] = None  # as if the package was not compiled\n"
         "import torch, frozennorm\n"
-        "assert not frozennorm.COMPILED\n"
+        "assert not frozennorm.ops.COMPILED\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    m = frozennorm.FrozenBatchNorm2d(4)\n"
@@ -228,11 +229,14 @@ def test_bad_backend_value(monkeypatch):
         _loader.requested_backend()
 
 
-def test_schema_of_fallback_matches_compiled():
+def test_schemas_of_fallback_match_compiled():
+    """Every op: the schema the fallback defines is the one csrc/frozen_bn.cpp defines."""
     if not ops.COMPILED:
         pytest.skip("the compiled extension is not installed")
-    assert str(torch.ops.frozennorm.frozen_bn.default._schema) == "frozennorm::" + ops.FORWARD_SCHEMA
-    assert str(torch.ops.frozennorm.frozen_bn_backward.default._schema) == "frozennorm::" + ops.BACKWARD_SCHEMA
+    defined = {name: str(getattr(torch.ops.frozennorm, name).default._schema)
+               for name in ops.SCHEMAS}
+    assert defined == {name: "frozennorm::" + schema for name, schema in ops.SCHEMAS.items()}
+    assert len(defined) == 4
 
 
 def test_cpu_kernels_run_on_all_torch_threads():

@@ -274,11 +274,13 @@ def test_functional_mirrors_f_batch_norm():
 
 
 def _fused_or_plain(kind):
+    """A frozen BN, its reference, and the arguments after the input: plain ``bn(x)``, or
+    the fused call ``bn(x, None, "relu")`` (what forwards fuse() rewrote make)."""
     bn = random_bn(nn.BatchNorm2d)
+    frozen = FrozenBatchNorm2d.from_batchnorm(bn)
     if kind == "plain":
-        return FrozenBatchNorm2d.from_batchnorm(bn), bn
-    fused = frozennorm.FusedFrozenBatchNorm.from_frozen(FrozenBatchNorm2d.from_batchnorm(bn), "relu")
-    return fused, nn.Sequential(bn, nn.ReLU())
+        return frozen, bn, ()
+    return frozen, nn.Sequential(bn, nn.ReLU()), (None, "relu")
 
 
 @pytest.mark.parametrize("kind", ["plain", "fused"])
@@ -289,9 +291,9 @@ def test_forward_follows_whatever_holds_the_statistics(kind):
     from torch.nn.utils import parametrize
 
     x = torch.randn(2, 6, 5, 4)
-    frozen, ref = _fused_or_plain(kind)
+    frozen, ref, more = _fused_or_plain(kind)
     bn = ref if kind == "plain" else ref[0]
-    torch.testing.assert_close(frozen(x), ref(x))
+    torch.testing.assert_close(frozen(x, *more), ref(x))
 
     # a buffer turned into a trainable Parameter: used, and it gets a gradient
     frozen.weight = nn.Parameter(frozen.weight * 3)
@@ -303,12 +305,12 @@ def test_forward_follows_whatever_holds_the_statistics(kind):
         assert frozen.weight.grad is not None and frozen.weight.grad.abs().sum() > 0
     else:  # the fused op differentiates the input only, and says so
         with pytest.raises(RuntimeError, match="differentiates the input and the residual only"):
-            frozen(x)
+            frozen(x, *more)
         with torch.no_grad():
-            torch.testing.assert_close(frozen(x), ref(x))
+            torch.testing.assert_close(frozen(x, *more), ref(x))
 
     # a parametrized buffer: the parametrization's value is used
-    frozen, ref = _fused_or_plain(kind)
+    frozen, ref, more = _fused_or_plain(kind)
     bn = ref if kind == "plain" else ref[0]
 
     class Halve(nn.Module):
@@ -318,16 +320,16 @@ def test_forward_follows_whatever_holds_the_statistics(kind):
     parametrize.register_parametrization(frozen, "running_var", Halve())
     with torch.no_grad():
         bn.running_var.div_(2)
-    torch.testing.assert_close(frozen(x), ref(x))
+    torch.testing.assert_close(frozen(x, *more), ref(x))
 
     # functional_call with other statistics, the module's own left alone
-    frozen, ref = _fused_or_plain(kind)
+    frozen, ref, more = _fused_or_plain(kind)
     bn = ref if kind == "plain" else ref[0]
     mean = torch.randn(6)
-    out = torch.func.functional_call(frozen, {"running_mean": mean}, (x,))
+    out = torch.func.functional_call(frozen, {"running_mean": mean}, (x, *more))
     expected_frozen = copy.deepcopy(frozen)
     with torch.no_grad():
         expected_frozen.running_mean.copy_(mean)
-    torch.testing.assert_close(out, expected_frozen(x))
-    torch.testing.assert_close(frozen(x), ref(x))
+    torch.testing.assert_close(out, expected_frozen(x, *more))
+    torch.testing.assert_close(frozen(x, *more), ref(x))
 

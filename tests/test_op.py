@@ -258,7 +258,7 @@ class TestErrors:
 
     def test_non_floating_input(self):
         mean, var = self.stats()
-        with pytest.raises(RuntimeError, match="input must be float16, bfloat16, float32 or float64, got Long"):
+        with pytest.raises(RuntimeError, match="input must be float16, bfloat16, float32 or float64, got (Long|torch.int64)"):
             frozen_batch_norm(torch.ones(2, 4, dtype=torch.long), mean, var)
 
     def test_non_floating_statistics(self):
@@ -343,6 +343,8 @@ def test_streaming_stores_in_parallel_cpu(cpu_threads, layout):
 @pytest.mark.slow
 def test_more_than_2_pow_31_elements_cpu():
     """64-bit indexing: a 2^31 + 1000 element float16 tensor (~4 GiB in, ~4 GiB out)."""
+    if not frozennorm.ops.COMPILED:
+        pytest.skip("the pure-PyTorch fallback computes in float32 intermediates (~20 GiB here)")
     numel = 2**31 + 1000
     C = 2
     try:

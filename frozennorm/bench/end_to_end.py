@@ -1,7 +1,8 @@
 """End to end: a Faster R-CNN ResNet-50-FPN backbone (body + FPN) or a ResNet-50 body with
 each way of freezing BatchNorm, a training step (forward, backward, SGD) and inference,
 interleaved: BatchNorm in eval, torchvision's FrozenBatchNorm2d, frozennorm as converted,
-frozennorm with :func:`~frozennorm.fold_frozen_bn` and :func:`~frozennorm.fuse`,
+frozennorm fused (:func:`~frozennorm.fuse` for training, :func:`~frozennorm.fold_frozen_bn`
+for inference),
 ``torch.compile`` of the torchvision and of the frozennorm model, and BatchNorm removed
 (``nn.Identity``) as the lower bound."""
 from __future__ import annotations
@@ -27,7 +28,7 @@ VARIANTS: Dict[str, str] = {
     "bn_eval": "nn.BatchNorm2d eval",
     "torchvision": "torchvision FrozenBN",
     "frozennorm": "frozennorm",
-    "frozennorm_fold": "frozennorm fold+fuse",
+    "frozennorm_fold": "frozennorm fuse/fold",
     "compiled_tv": "torch.compile(torchvision)",
     "compiled_frozennorm": "torch.compile(frozennorm)",
     "identity": "no BN (identity)",
@@ -118,8 +119,8 @@ def replace_bn(module: nn.Module, make: Callable[[nn.BatchNorm2d], nn.Module]) -
 def make_variant(base: nn.Module, variant: str, mode: str = "training",
                  memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
     """A copy of ``base`` with its BatchNorm frozen the ``variant`` way, for ``mode``:
-    fold+fuse folds for training (trainable conv weights, :func:`fold_frozen_bn` in
-    ``"training"`` mode, then :func:`fuse`) or for inference (weights rewritten once)."""
+    fuse/fold fuses for training (:func:`fuse`: BN + activation + residual in one pass) and
+    folds for inference (:func:`fold_frozen_bn`: weights rewritten once)."""
     model = copy.deepcopy(base)
     if variant == "bn_eval":
         for m in model.modules():
@@ -129,8 +130,8 @@ def make_variant(base: nn.Module, variant: str, mode: str = "training",
     if variant in ("frozennorm", "compiled_frozennorm", "frozennorm_fold"):
         model = convert_frozen_bn(model, strict=True)  # the library's own converter
         if variant == "frozennorm_fold":
-            model = fold_frozen_bn(model, mode, policy="auto", inplace=True)
-            model = fuse(model, inplace=True) if mode == "training" else model
+            model = (fuse(model, inplace=True) if mode == "training"
+                     else fold_frozen_bn(model, inplace=True))
     else:
         make = {"torchvision": torchvision_frozen, "compiled_tv": torchvision_frozen,
                 "identity": lambda bn: nn.Identity()}[variant]

@@ -355,12 +355,9 @@ METHOD_NOTE = """\
   layers 3) or ResNet-50 body (stem + 4 stages), random BN statistics; training step =
   forward, sum of means of the output maps, backward, SGD; `x identity` = time / time of
   the same model with BN replaced by `nn.Identity` (the lower bound), BN share =
-  (t - t_identity) / t. `frozennorm fold+fuse`: `convert_frozen_bn`, then for training
-  `fuse(fold_frozen_bn(model, "training", policy="auto"))` (BN + activation + residual in
-  one fused op; the BatchNorms with nothing to fuse, the downsample ones, folded into their
-  convs, which scale their trainable weight or make a pass over their output, whichever
-  is smaller), for inference `fold_frozen_bn(model, "inference")` (weights rewritten
-  once). `torch.compile(...)`: default mode, compilation excluded (done in the warm-up
+  (t - t_identity) / t. `frozennorm fuse/fold`: `convert_frozen_bn`, then for training
+  `fuse(model)` (BN + activation + residual in one fused op), for inference
+  `fold_frozen_bn(model)` (weights rewritten once). `torch.compile(...)`: default mode, compilation excluded (done in the warm-up
   call).
 - `foreign_load` in results.json: CPU cores other processes kept busy while a case was
   timed (Linux /proc/stat); CPU timings above 0.25 are suspect: marked `(busy)` in the

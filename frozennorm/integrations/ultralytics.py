@@ -1,0 +1,137 @@
+"""Frozen BatchNorm for Ultralytics YOLO training: frozen in the live model, the EMA, every
+checkpoint, and again when training resumes or restarts from one.
+
+::
+
+    from ultralytics import YOLO
+    from frozennorm.integrations.ultralytics import FrozenBNDetectionTrainer
+
+    YOLO("yolo11n.pt").train(data="coco8.yaml", freeze=10, trainer=FrozenBNDetectionTrainer)
+
+The trainer converts the BatchNorm layers of the layers ``freeze=`` freezes (all of them
+when ``freeze`` is not set) in ``get_model``: before Ultralytics builds the optimizer and
+the EMA from the model, so neither holds a BatchNorm parameter and the EMA is converted
+too. Ultralytics rebuilds a model from its yaml when it trains from a checkpoint (resume
+included) and loads the checkpoint's weights into it: ``get_model`` converts that model
+too, so the freeze holds there as well. ``val``, ``predict`` and ``export`` work on the
+result (their conv+BN fuser folds the frozen layers like any BatchNorm).
+
+Checkpoints hold the frozen modules, so loading them needs frozennorm installed (or
+Ultralytics tries to install a package named after the missing module). For checkpoints
+that load anywhere, set ``portable_checkpoints = True`` on the trainer class (they then
+hold plain ``nn.BatchNorm2d`` layers with the same statistics; training from them with this
+trainer freezes them again), or convert a checkpoint afterwards with
+:func:`portable_checkpoint`.
+
+Other tasks: mix :class:`FrozenBN` into their trainer, at module level (Ultralytics' DDP
+imports the trainer class by name)::
+
+    class FrozenBNPoseTrainer(FrozenBN, PoseTrainer):
+        include = "model"           # every BatchNorm, whatever freeze= says
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+
+from ..convert import Patterns, convert_frozen_bn, revert_frozen_bn
+from ..fuse import unfuse
+
+try:
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.models.yolo.pose import PoseTrainer
+    from ultralytics.models.yolo.segment import SegmentationTrainer
+except ImportError as e:  # pragma: no cover - exercised only without ultralytics
+    raise ImportError(f"frozennorm.integrations.ultralytics needs ultralytics "
+                      f"(pip install ultralytics): {e}") from e
+
+__all__ = ["FrozenBN", "FrozenBNDetectionTrainer", "FrozenBNSegmentationTrainer",
+           "FrozenBNPoseTrainer", "freeze_scope", "portable", "portable_checkpoint"]
+
+
+def freeze_scope(freeze: Union[None, int, List[Union[int, str]]]) -> List[str]:
+    """The module names Ultralytics' ``freeze=`` argument freezes: ``model.0`` ... for an
+    int N or a list of layer indices; every layer (``model``) when ``freeze`` is not set."""
+    if freeze is None or freeze == 0 or freeze == []:
+        return ["model"]
+    layers = range(freeze) if isinstance(freeze, int) else freeze
+    return [f"model.{x}" for x in layers]
+
+
+class FrozenBN:
+    """Mixin for an Ultralytics trainer: the model's BatchNorm layers frozen for good.
+
+    Class attributes (set them on a subclass):
+
+    * ``include`` / ``exclude``: which BatchNorm layers, as in
+      :func:`~frozennorm.convert_frozen_bn` (``include=None``: the layers ``freeze=``
+      freezes, see :func:`freeze_scope`);
+    * ``portable_checkpoints``: save checkpoints with plain ``nn.BatchNorm2d`` layers,
+      which load where frozennorm is not installed.
+    """
+
+    include: Patterns = None
+    exclude: Patterns = None
+    portable_checkpoints: bool = False
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)  # type: ignore[misc]
+        include = self.include if self.include is not None else freeze_scope(self.args.freeze)
+        return convert_frozen_bn(model, include=include, exclude=self.exclude)
+
+    def save_model(self):
+        if not self.portable_checkpoints:
+            return super().save_model()  # type: ignore[misc]
+        ema = self.ema.ema
+        self.ema.ema = portable(ema)
+        try:
+            return super().save_model()  # type: ignore[misc]
+        finally:
+            self.ema.ema = ema
+
+
+class FrozenBNDetectionTrainer(FrozenBN, DetectionTrainer):
+    """Ultralytics' ``DetectionTrainer`` with frozen BatchNorm (see :class:`FrozenBN`)."""
+
+
+class FrozenBNSegmentationTrainer(FrozenBN, SegmentationTrainer):
+    """Ultralytics' ``SegmentationTrainer`` with frozen BatchNorm (see :class:`FrozenBN`)."""
+
+
+class FrozenBNPoseTrainer(FrozenBN, PoseTrainer):
+    """Ultralytics' ``PoseTrainer`` with frozen BatchNorm (see :class:`FrozenBN`)."""
+
+
+def portable(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` without anything of frozennorm: frozen BatchNorm layers become
+    ``nn.BatchNorm2d`` (same statistics), forwards :func:`~frozennorm.fuse` rewrote are
+    dropped. What a fold left (an inference fold's identities, a training fold) cannot be
+    undone: run the framework's own ``fuse()`` first, or fold for inference and fuse."""
+    copy_ = unfuse(revert_frozen_bn(copy.deepcopy(model)))
+    left = sorted({type(m).__name__ for m in copy_.modules()
+                   if type(m).__module__.partition(".")[0] == "frozennorm"})
+    if left:
+        raise ValueError(
+            f"the model still holds frozennorm modules after reverting its frozen BatchNorm "
+            f"layers: {', '.join(left)} (from fold_frozen_bn). An inference fold's "
+            f"IdentityBatchNorm goes with Ultralytics' model.fuse(); a training fold needs "
+            f"frozennorm.fold_frozen_bn(model) (inference) first")
+    return copy_
+
+
+def portable_checkpoint(path: Union[str, Path], out: Optional[Union[str, Path]] = None) -> Path:
+    """Rewrites an Ultralytics checkpoint (``last.pt``, ``best.pt``) so that it loads
+    without frozennorm: its ``model`` and ``ema`` entries through :func:`portable`. Writes
+    ``out`` (default: ``<name>_portable.pt`` beside it) and returns its path."""
+    path = Path(path)
+    out = Path(out) if out is not None else path.with_name(f"{path.stem}_portable{path.suffix}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("model", "ema"):
+        if isinstance(ckpt.get(key), nn.Module):
+            ckpt[key] = portable(ckpt[key])
+    torch.save(ckpt, out)
+    return out
