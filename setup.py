@@ -1,18 +1,31 @@
 """Build of frozennorm's C++ (CPU) and CUDA extension, ``frozennorm._C``.
 
-``pip install --no-build-isolation .`` always builds the C++ kernels, and the CUDA kernels
-whenever torch is a CUDA build and a CUDA toolkit is found (no GPU needed).
+Install with ``pip install --no-build-isolation -e .`` (or without ``-e``) after torch: the
+extension is compiled against the torch you have. (pip's default build isolation would hide
+it, so the build stops at once, saying so, when it cannot import torch.)
+
+What is built, torchvision's convention:
+  * the C++ CPU kernels, always;
+  * the CUDA kernels when torch is a CUDA build, a CUDA toolkit is found, and either a GPU
+    is visible (built for its architecture) or they are asked for (FORCE_CUDA=1 or
+    TORCH_CUDA_ARCH_LIST). Otherwise a CPU-only build, and one line says how to get them.
 
 Environment switches:
-  FORCE_CUDA=1            build the CUDA kernels or fail saying why (e.g. on a machine
-                          without a GPU, where they would otherwise still be built)
-  USE_CUDA=0              skip the CUDA kernels
-  TORCH_CUDA_ARCH_LIST    archs to compile for, e.g. "9.0" or "8.0;9.0+PTX"; default: the
-                          visible GPUs, else a list of current architectures
+  FORCE_CUDA=1            build the CUDA kernels even without a GPU (for the archs of
+                          TORCH_CUDA_ARCH_LIST, else current ones), or fail saying why not
+  TORCH_CUDA_ARCH_LIST    archs to compile for, e.g. "9.0" or "8.0;9.0+PTX" (also asks for
+                          the CUDA kernels); default: the visible GPUs'
+  USE_CUDA=0              no CUDA kernels
   MAX_JOBS                parallel compile jobs (with ninja)
   CUDA_HOME               the toolkit to use (found automatically otherwise, also when
                           `nvcc` on PATH is a wrapper script)
   DEBUG=1                 -O0 -g
+Release wheels (.ci/build_wheel.sh sets these):
+  FROZENNORM_LOCAL_VERSION  a local version label, e.g. pt2141cu130 -> 0.1.0+pt2141cu130
+  FROZENNORM_PIN_TORCH=1    require exactly the torch the extension is compiled against
+
+Object files are kept in build/ (also for editable installs), so a reinstall compiles only
+what changed.
 """
 import glob
 import json
@@ -27,6 +40,8 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cusparse.h", "cusolverDn.h", "cufft.h", "curand.h")
+MIN_SETUPTOOLS = 77  # SPDX license expressions in pyproject.toml
+TORCH_REQUIREMENT = "torch>=2.4"
 
 
 def log(msg):
@@ -43,6 +58,50 @@ def env_flag(name):
 def read_version():
     with open(os.path.join(ROOT, "frozennorm", "version.py")) as f:
         return re.search(r'__version__\s*=\s*"([^"]+)"', f.read()).group(1)
+
+
+def full_version():
+    """The package version, with FROZENNORM_LOCAL_VERSION as its local label (+...)."""
+    label = os.environ.get("FROZENNORM_LOCAL_VERSION", "").strip()
+    if label and not re.fullmatch(r"[a-z0-9]+(\.[a-z0-9]+)*", label):
+        raise SystemExit(f"FROZENNORM_LOCAL_VERSION={label!r} is not a local version label "
+                         f"(lowercase letters and digits, dot-separated)")
+    return read_version() + (f"+{label}" if label else "")
+
+
+def check_setuptools():
+    import setuptools
+
+    major = int(re.match(r"\d+", setuptools.__version__).group())
+    if major < MIN_SETUPTOOLS:
+        raise SystemExit(
+            f"frozennorm's build needs setuptools >= {MIN_SETUPTOOLS} (this environment has "
+            f"{setuptools.__version__}): pip install -U 'setuptools>={MIN_SETUPTOOLS}'")
+
+
+ISOLATED_BUILD = """\
+frozennorm is compiled against the torch you will run it with, and this build cannot see it
+({detail}).
+pip builds in an isolated environment by default, which hides the torch you installed.
+Install torch first, then build without isolation:
+
+    pip install --no-build-isolation -e .          (in a checkout of frozennorm)
+    pip install --no-build-isolation <sdist or URL>
+"""
+
+
+def import_torch():
+    """The installed torch; stops at once when the build cannot see the user's torch (an
+    isolated build would compile against another one and install a broken extension)."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise SystemExit(ISOLATED_BUILD.format(detail=f"import torch: {exc}"))
+    where = os.path.dirname(os.path.abspath(torch.__file__))
+    if "pip-build-env-" in where:  # torch fetched into pip's isolated build environment
+        raise SystemExit(ISOLATED_BUILD.format(
+            detail=f"it sees only the torch pip fetched into an isolated environment, {where}"))
+    return torch
 
 
 def is_elf(path):
@@ -138,11 +197,9 @@ def default_arch_list(nvcc_release):
     return "7.0;7.5;8.0;8.6;8.9;9.0+PTX"
 
 
-def parallel_backend():
+def parallel_backend(torch):
     """torch's ATen parallel backend (OpenMP, Native, ...), as its headers define it: the
     inline at::parallel_for compiled into this library follows those macros."""
-    import torch
-
     config = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "Config.h")
     try:
         with open(config) as f:
@@ -155,28 +212,63 @@ def parallel_backend():
     return "unknown"
 
 
-def configure():
-    """Decides what to build; returns (ext_modules, cmdclass, build_info)."""
-    import torch
-
-    torch_cuda = torch.version.cuda
-    use_cuda = env_flag("USE_CUDA")
-    force_cuda = env_flag("FORCE_CUDA")
-    debug = env_flag("DEBUG")
-    cuda_home = None
-    reason = ""
-    if use_cuda is False:
-        reason = "USE_CUDA=0"
-    elif torch_cuda is None:
-        reason = f"torch {torch.__version__} is not a CUDA build"
+def plan_cuda(torch):
+    """(toolkit or None, why): whether the CUDA kernels are built, torchvision's way — when
+    a GPU is visible or when asked for (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST)."""
+    force = env_flag("FORCE_CUDA")
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env_flag("USE_CUDA") is False:
+        off = "USE_CUDA=0"
+    elif torch.version.cuda is None:
+        off = f"torch {torch.__version__} is a CPU-only build"
+    elif (home := find_cuda_home(torch.version.cuda)) is None:
+        off = "no CUDA toolkit found (set CUDA_HOME to one with bin/nvcc)"
+    elif force:
+        return home, "FORCE_CUDA=1"
+    elif arch_list:
+        return home, f"TORCH_CUDA_ARCH_LIST={arch_list}"
+    elif torch.cuda.is_available():
+        return home, f"GPU visible: {torch.cuda.get_device_name(0)}"
     else:
-        cuda_home = find_cuda_home(torch_cuda)
-        if cuda_home is None:
-            reason = "no CUDA toolkit found (set CUDA_HOME to one with bin/nvcc)"
-    with_cuda = cuda_home is not None
-    if force_cuda and not with_cuda:
-        raise RuntimeError(f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+        off = ("no GPU visible; to build them for a GPU elsewhere: FORCE_CUDA=1 "
+               "TORCH_CUDA_ARCH_LIST=\"<its arch, e.g. 9.0>\" pip install --no-build-isolation ...")
+    if force:
+        raise SystemExit(f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {off}")
+    return None, off
 
+
+def cuda_arch_list(torch, nvcc_release):
+    """The archs the CUDA kernels are compiled for (setting TORCH_CUDA_ARCH_LIST, which
+    torch's build reads, when neither the user nor a visible GPU says)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i)
+                       for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps) + " (the visible GPUs)"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(nvcc_release)
+    log(f"no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for "
+        f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
+    return os.environ["TORCH_CUDA_ARCH_LIST"]
+
+
+def glibc_compat_flags():
+    """Compiler flags that keep the library's glibc requirement at torch's (2.28) when it is
+    built on a newer glibc: build_support/glibc_compat/ holds a force-included header that
+    binds exp/log/pow to their pre-2.29 symbol versions, and a <sys/single_threaded.h> that
+    stops libstdc++'s headers from reading ``__libc_single_threaded`` (GLIBC_2.32)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    compat = os.path.join(ROOT, "build_support", "glibc_compat")
+    return ["-isystem", compat, "-include", os.path.join(compat, "glibc_compat.h")]
+
+
+def configure():
+    """Decides what to build; returns (ext_modules, cmdclass, install_requires)."""
+    check_setuptools()
+    torch = import_torch()
+    cuda_home, cuda_why = plan_cuda(torch)
+    with_cuda = cuda_home is not None
     if with_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
         os.environ["CUDA_HOME"] = cuda_home
@@ -185,30 +277,37 @@ def configure():
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home
 
+    debug = env_flag("DEBUG")
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     opt = ["-O0", "-g"] if debug else ["-O3"]
     extra = {"cxx": opt + ["-Wall", "-Wno-unknown-pragmas"]}  # torch headers: #pragma unroll
+    if not debug and sys.platform != "win32":
+        # Python's CFLAGS carry -g: debug info makes the library ten times larger and the
+        # build a quarter slower (DEBUG=1 keeps it)
+        extra["cxx"].append("-g0")
     if sys.platform != "win32":
         # nothing reads errno: lets the per-channel sqrt of the scale vectorize
         extra["cxx"].append("-fno-math-errno")
+    extra["cxx"] += glibc_compat_flags()
     link_args = []
     # at::parallel_for is inline code that follows torch's parallel backend: with OpenMP
     # (torch's Linux builds) it is a `#pragma omp parallel`, which a compiler without
     # -fopenmp ignores, and every CPU kernel would run on one thread. The library then uses
     # the OpenMP runtime torch has already loaded (libgomp.so.1, the same soname).
-    parallel = parallel_backend()
+    parallel = parallel_backend(torch)
     openmp = parallel == "OpenMP" and sys.platform != "darwin"  # Apple clang has no -fopenmp
     if openmp:
         extra["cxx"].append("/openmp" if sys.platform == "win32" else "-fopenmp")
         link_args += [] if sys.platform == "win32" else ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     info = {
-        "version": read_version(),
+        "version": full_version(),
         "torch_version": torch.__version__,
-        "torch_cuda_version": torch_cuda,
+        "torch_cuda_version": torch.version.cuda,
         "with_cuda": with_cuda,
+        "cuda_reason": cuda_why,
         "cuda_home": cuda_home,
         "nvcc_version": None,
         "cuda_arch_list": None,
@@ -217,33 +316,28 @@ def configure():
     }
     if with_cuda:
         nvcc_release = nvcc_version(cuda_home)
-        if torch_cuda.split(".")[0] != nvcc_release.split(".")[0]:
+        if torch.version.cuda.split(".")[0] != nvcc_release.split(".")[0]:
             log(f"warning: nvcc {nvcc_release} differs in major version from torch's CUDA "
-                f"{torch_cuda}; torch may refuse to build")
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(nvcc_release)
-            log("no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for "
-                f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
-        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs' archs"
+                f"{torch.version.cuda}; torch may refuse to build")
         sources += [os.path.relpath(p, ROOT) for p in
                     sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
         include_dirs += extra_cuda_includes(cuda_home)
-        extra["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"] + glibc_compat_flags()
         extra["cxx"].append("-DFROZENNORM_WITH_CUDA")
-        info.update(nvcc_version=nvcc_release, cuda_arch_list=arch_list)
+        info.update(nvcc_version=nvcc_release, cuda_arch_list=cuda_arch_list(torch, nvcc_release))
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
 
-    log(f"torch {torch.__version__} (CUDA {torch_cuda}), python {info['python']}")
+    log(f"torch {torch.__version__} (CUDA {torch.version.cuda}) at "
+        f"{os.path.dirname(torch.__file__)}, python {info['python']}")
     if with_cuda:
-        log(f"CUDA kernels: ON  (toolkit {cuda_home}, nvcc {info['nvcc_version']}, "
+        log(f"CUDA kernels: ON  ({cuda_why}; toolkit {cuda_home}, nvcc {info['nvcc_version']}, "
             f"archs {info['cuda_arch_list']})")
-        extra_inc = include_dirs[1:]
-        if extra_inc:
-            log(f"CUDA library headers from: {', '.join(extra_inc)}")
+        if include_dirs[1:]:
+            log(f"CUDA library headers from: {', '.join(include_dirs[1:])}")
     else:
-        log(f"CUDA kernels: OFF ({reason})")
+        log(f"CUDA kernels: OFF ({cuda_why})")
     log(f"CPU kernels: torch's parallel backend {parallel}"
         + (" (compiled with OpenMP)" if openmp else
            " (not compiled with OpenMP: the CPU kernels run on one thread)"
@@ -292,14 +386,29 @@ def configure():
                 extra_postargs=cflags + ["-mavx2", "-mfma", "-mf16c"])
             ext.extra_objects = list(ext.extra_objects or []) + objects
 
-    return [ext], {"build_ext": BuildExt}
+    class KeepObjects(BuildExt):
+        """Compiles into build/ also for editable installs (setuptools gives those a
+        temporary folder), so that reinstalling compiles only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", f"temp-{sys.implementation.cache_tag}")
+
+    requires = TORCH_REQUIREMENT
+    if env_flag("FROZENNORM_PIN_TORCH"):
+        from importlib.metadata import version
+
+        requires = f"torch=={version('torch')}"
+        log(f"release build: requires {requires}")
+    return [ext], {"build_ext": KeepObjects}, [requires]
 
 
-ext_modules, cmdclass = configure()
+ext_modules, cmdclass, install_requires = configure()
 
 setup(
-    version=read_version(),
+    version=full_version(),
     packages=find_packages(include=["frozennorm", "frozennorm.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    install_requires=install_requires,
 )

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,96 @@ def test_render_from_json(cpu_run, tmp_path):
     again = json.loads((tmp_path / "results.json").read_text())
     assert again == doc  # the JSON round-trips: nothing lost, nothing re-measured
     assert (tmp_path / "results.md").read_text().startswith("# frozennorm benchmark")
+
+
+def _faked_load_run(tmp_path, monkeypatch, loads, extra=()):
+    """A small CPU run (two op-level cases, one end-to-end configuration) with the load probe
+    faked: the i-th timed case reports ``loads[i]`` CPU cores kept busy by other processes."""
+    probes = iter(loads)
+    monkeypatch.setattr(timing, "foreign_load", lambda work: (work(), next(probes)))
+    out = tmp_path / "run"
+    err, std = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+        rc = frozennorm.bench.main(
+            ["--shape", "tiny", "--dtype", "fp32", "--layout", "nchw", "--repeat", "1",
+             "--min-run-time", "0.001", "--contenders", "frozennorm,bn_eval", "--e2e-size",
+             "1x32x32", "--e2e-mode", "inference", "--e2e-variants", "frozennorm",
+             "--no-progress", "--cpu-malloc", "system", "--device", "cpu", "--out", str(out),
+             *extra])
+    assert rc == 0, err.getvalue()[-4000:]
+    assert next(probes, None) is None, "a timed case did not probe the load"
+    return out, json.loads((out / "results.json").read_text()), std.getvalue(), err.getvalue()
+
+
+def _rendered(out):
+    """results.md, and the plots when matplotlib is there, were written."""
+    md = (out / "results.md").read_text()
+    assert "## Headline" in md and "## End to end" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return md
+    for name in ("op_level_float32.png", "end_to_end.png"):
+        assert (out / name).stat().st_size > 1000 and f"]({name})" in md
+    return md
+
+
+def test_all_busy_run_reports_everything_marked(tmp_path, monkeypatch):
+    """Every case timed on a busy machine: the summary keeps them (marked), the plots and
+    files are written, and the run succeeds."""
+    out, doc, stdout, stderr = _faked_load_run(tmp_path, monkeypatch, [1.5, 1.5, 1.5])
+    assert all(r["foreign_load"] == 1.5 for r in doc["op_level"] + doc["end_to_end"])
+    summary = {s["mode"]: s for s in doc["summary"]}
+    assert set(summary) == {"inference", "training"}
+    for row in summary.values():
+        assert row["busy"] == row["shapes"] == 1 and row["x_floor"]["geomean"] > 0
+        assert row["bn_eval"]["geomean"] > 0
+    assert "1 of 1 shapes" in stdout and "(busy)" in stdout
+    assert "marked (busy)" in stderr
+    md = _rendered(out)
+    assert "(busy)" in md and "timed busy" in md
+    rerendered = tmp_path / "again"
+    assert frozennorm.bench.main(["--from-json", str(out / "results.json"), "--out",
+                                  str(rerendered)]) == 0
+    _rendered(rerendered)
+
+
+def test_partly_busy_run_marks_only_the_busy_cases(tmp_path, monkeypatch):
+    out, doc, stdout, _ = _faked_load_run(tmp_path, monkeypatch, [1.0, 0.0, 0.0])
+    busy = {(r["mode"], r["contender"]): r["foreign_load"] > timing.BUSY_LOAD
+            for r in doc["op_level"]}
+    assert busy == {("inference", c): True for c in ("clone", "frozennorm", "bn_eval")} | {
+        ("training", c): False for c in ("clone", "frozennorm", "bn_eval")}
+    summary = {s["mode"]: s for s in doc["summary"]}
+    assert summary["inference"]["busy"] == 1 and summary["training"]["busy"] == 0
+    assert not any(r["foreign_load"] > timing.BUSY_LOAD for r in doc["end_to_end"])
+    _rendered(out)
+
+
+def test_from_json_renders_every_committed_result(tmp_path):
+    """--from-json renders any results.json the tool wrote, older formats included."""
+    committed = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+                       .glob("**/results.json"))
+    if not committed:
+        pytest.skip("no committed results (not a checkout)")
+    for path in committed:
+        out = tmp_path / path.parent.name
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert frozennorm.bench.main(["--from-json", str(path), "--out", str(out)]) == 0
+        assert (out / "results.md").read_text().startswith("# frozennorm benchmark")
+
+
+def test_default_run_writes_to_a_folder_it_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert frozennorm.bench.main(
+        ["--ops-only", "--shape", "tiny", "--dtype", "fp32", "--layout", "nchw", "--mode",
+         "inference", "--contenders", "frozennorm", "--repeat", "1", "--min-run-time", "0.001",
+         "--no-progress", "--cpu-malloc", "system", "--device", "cpu", "--no-plots"]) == 0
+    folders = list((tmp_path / "bench-results").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("cpu-quick-")
+    out = capsys.readouterr().out
+    relative = folders[0].relative_to(tmp_path)
+    assert f"results go to {relative}/" in out and str(relative / "results.json") in out
 
 
 def test_filters():

@@ -29,8 +29,8 @@ def _warn_fallback() -> None:
     if not _fallback_warned and not _compiled and _loader.requested_backend() == "auto":
         _fallback_warned = True
         warnings.warn(
-            "frozennorm: the compiled C++/CUDA extension is not installed; using the "
-            "pure-PyTorch fallback (same results, slower). " + _loader.REBUILD_HINT,
+            "frozennorm: running the pure-PyTorch fallback (same results, slower), not the "
+            "compiled C++/CUDA kernels: " + _loader.fallback_reason(),
             RuntimeWarning, stacklevel=3)
 
 

@@ -20,7 +20,7 @@ from .timing import BUSY_LOAD, configure_cpu_malloc
 
 EPILOG = """\
 examples:
-  python -m frozennorm.bench                         quick default (about a minute on 2 CPU cores)
+  python -m frozennorm.bench                         quick default (a few minutes on 2 CPU cores)
   python -m frozennorm.bench --full --out results/   the whole sweep, JSON + markdown + PNG plots
   python -m frozennorm.bench --shape det --dtype bf16 --layout channels_last --mode training
   python -m frozennorm.bench --e2e-only --e2e-size 2x800x1216
@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-retries", type=int, default=0,
                    help="retake a case's timings up to N times while other processes keep "
                         "the CPU busy (Linux; default 0: only flag such cases)")
-    p.add_argument("--out", type=Path, help="write results.json, results.md and PNG plots here")
-    p.add_argument("--no-plots", action="store_true", help="with --out: no PNG plots")
+    p.add_argument("--out", type=Path,
+                   help="write results.json, results.md and PNG plots here (default: a new "
+                        "folder bench-results/DEVICE-quick|full-DATE-TIME)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--list-shapes", action="store_true", help="list shape presets and groups")
     p.add_argument("--from-json", type=Path, metavar="RESULTS_JSON",
@@ -151,57 +153,101 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.from_json:
         return _render(args.from_json, args.out or args.from_json.parent, not args.no_plots)
     try:
-        return _run(args, list(sys.argv[1:] if argv is None else argv))
+        plan = _plan(args)
     except ValueError as exc:  # a bad filter: say which
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return _run(args, plan, list(sys.argv[1:] if argv is None else argv))
 
 
-def _run(args: argparse.Namespace, argv: List[str]) -> int:
-    start = time.monotonic()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+@dataclass
+class Plan:
+    """What a run measures, from the command line and the defaults."""
+
+    device: str
+    rounds: int
+    min_run_time: float
+    contenders: List[str]
+    cases: List[Case]
+    e2e_cases: List[end_to_end.E2ECase]
+    e2e_variants: List[str]
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    """The run the arguments ask for; ValueError names a bad filter."""
     device = pick_device(args.device)
-    cuda = device.startswith("cuda")
-    d = defaults(args.full, cuda)
-    rounds = args.repeat or d.rounds
-    min_run_time = args.min_run_time if args.min_run_time is not None else d.min_run_time
-    contenders = _contenders(args.contenders)
+    d = defaults(args.full, device.startswith("cuda"))
     cases = [] if args.e2e_only else make_cases(
         parse_shapes(_csv(args.shape) or d.shapes), parse_dtypes(_csv(args.dtype) or d.dtypes),
         parse_layouts(_csv(args.layout) or list(LAYOUTS)),
         parse_modes(_csv(args.mode) or list(MODES)))
-    e2e_cases = [] if args.ops_only else _e2e_cases(args, d)
-    e2e_variants = _e2e_variants(args.e2e_variants, d)
-    settings = {"full": args.full, "rounds": rounds, "min_run_time": min_run_time,
-                "contenders": contenders, "op_cases": len(cases), "e2e_cases": len(e2e_cases),
-                "e2e_variants": e2e_variants}
-    if not cuda:
+    return Plan(device=device, rounds=args.repeat or d.rounds,
+                min_run_time=args.min_run_time if args.min_run_time is not None
+                else d.min_run_time,
+                contenders=_contenders(args.contenders), cases=cases,
+                e2e_cases=[] if args.ops_only else _e2e_cases(args, d),
+                e2e_variants=_e2e_variants(args.e2e_variants, d))
+
+
+def default_out(device: str, full: bool) -> Path:
+    """Where a run without --out writes: a new folder per run under ./bench-results/."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("bench-results") / f"{device.replace(':', '')}-{'full' if full else 'quick'}-{stamp}"
+
+
+def _run(args: argparse.Namespace, plan: Plan, argv: List[str]) -> int:
+    start = time.monotonic()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or default_out(plan.device, args.full)
+    settings = {"full": args.full, "rounds": plan.rounds, "min_run_time": plan.min_run_time,
+                "contenders": plan.contenders, "op_cases": len(plan.cases),
+                "e2e_cases": len(plan.e2e_cases), "e2e_variants": plan.e2e_variants}
+    if not plan.cuda:
         settings["cpu_malloc"] = configure_cpu_malloc(args.cpu_malloc)
-    meta = report.metadata(device, "python -m frozennorm.bench " + shlex.join(argv), settings)
+    meta = report.metadata(plan.device, "python -m frozennorm.bench " + shlex.join(argv),
+                           settings)
     print(f"frozennorm.bench: {report.meta_line(meta)}")
+    _warn_fallback()
     load = meta["load_average"]
-    if not cuda and load and load[0] > 0.5 * (os.cpu_count() or 1):
+    if not plan.cuda and load and load[0] > 0.5 * (os.cpu_count() or 1):
         print(f"warning: the machine is busy (load average {load[0]} on {os.cpu_count()} CPUs): "
-              f"CPU timings will be slow and noisy", file=sys.stderr)
-    minutes = rough_minutes(cases, len(contenders), rounds, min_run_time, cuda)
-    print(f"{len(cases)} op-level cases x {len(contenders)} contenders, {len(e2e_cases)} "
-          f"end-to-end configurations; {rounds} interleaved rounds of >= {min_run_time:g} s "
-          f"(rough estimate: {minutes:.0f} min for the op level)", flush=True)
+              f"CPU timings will be slow and noisy; cases timed while other processes keep "
+              f"the CPU busy are marked (busy)", file=sys.stderr)
+    minutes = rough_minutes(plan.cases, len(plan.contenders), plan.rounds, plan.min_run_time,
+                            plan.cuda)
+    print(f"{len(plan.cases)} op-level cases x {len(plan.contenders)} contenders, "
+          f"{len(plan.e2e_cases)} end-to-end configurations; {plan.rounds} interleaved rounds "
+          f"of >= {plan.min_run_time:g} s (rough estimate: {minutes:.0f} min for the op level); "
+          f"results go to {out}/", flush=True)
 
     progress, retries = not args.no_progress, args.busy_retries
-    ops = op_level.run(cases, device, rounds, min_run_time, contenders, progress, retries) \
-        if cases else []
-    e2e = end_to_end.run(e2e_cases, device, rounds, min_run_time, e2e_variants,
-                         progress=progress, retries=retries) if e2e_cases else []
-    _print_tables(ops, e2e, cuda)
+    ops = op_level.run(plan.cases, plan.device, plan.rounds, plan.min_run_time,
+                       plan.contenders, progress, retries) if plan.cases else []
+    e2e = end_to_end.run(plan.e2e_cases, plan.device, plan.rounds, plan.min_run_time,
+                         plan.e2e_variants, progress=progress,
+                         retries=retries) if plan.e2e_cases else []
+    _print_tables(ops, e2e, plan.cuda)
     _warn_busy(ops, e2e)
     meta["elapsed_s"] = round(time.monotonic() - start, 1)
     meta["load_average_end"] = report.load_average()
-    if args.out:
-        _write(args.out, meta, ops, e2e, plots=not args.no_plots)
+    _write(out, meta, ops, e2e, plots=not args.no_plots)
     print(f"\nfinished in {meta['elapsed_s']:.0f} s")
     return 0
+
+
+def _warn_fallback() -> None:
+    """Says loudly when the numbers will not be the compiled kernels'."""
+    from .. import _loader, ops
+
+    if not ops.COMPILED:
+        print(f"warning: frozennorm runs its pure-PyTorch fallback here, not the compiled "
+              f"kernels, so its numbers below are the fallback's: {_loader.fallback_reason()}",
+              file=sys.stderr, flush=True)
 
 
 def _render(path: Path, out: Path, plots: bool) -> int:
@@ -234,8 +280,8 @@ def _warn_busy(ops, e2e) -> None:
     if busy:
         print(f"\nwarning: other processes kept the CPU busy while {len(busy)} case(s) were "
               f"timed (foreign_load > {BUSY_LOAD} cores in results.json); their timings are "
-              f"suspect, marked (busy) and left out of the summary (--busy-retries N retakes "
-              f"them)", file=sys.stderr)
+              f"suspect: marked (busy) in the tables and counted in the summary's 'timed busy' "
+              f"column (--busy-retries N retakes them)", file=sys.stderr)
 
 
 def _contenders(text: Optional[str]) -> List[str]:
@@ -273,11 +319,20 @@ def _e2e_variants(text: Optional[str], d: Defaults) -> List[str]:
 
 
 def _write(out: Path, meta, ops, e2e, plots: bool) -> None:
+    """results.json first (the measurements are never lost), then the plots, each of which
+    may fail on its own without stopping the rest, then results.md."""
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "results.json", meta, ops, e2e)
-    files = report.write_plots(out, ops, e2e, str(meta["device_name"])) if plots else []
-    if plots and not files:
-        print("(no plots: matplotlib is not installed; pip install 'frozennorm[bench]')")
+    files = []
+    if plots:
+        try:
+            files = report.write_plots(out, ops, e2e, str(meta["device_name"]))
+        except Exception as exc:  # noqa: BLE001 - a drawing problem must not lose the results
+            print(f"warning: the plots could not be drawn ({type(exc).__name__}: {exc}); the "
+                  f"tables are in results.md", file=sys.stderr)
+        else:
+            if not files:
+                print("(no plots: matplotlib is not installed; pip install 'frozennorm[bench]')")
     report.write_markdown(out / "results.md", meta, ops, e2e, files)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
           + "".join(f", {out / f}" for f in files))

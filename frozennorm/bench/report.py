@@ -12,7 +12,7 @@ import subprocess
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -133,13 +133,16 @@ LARGE_BYTES = 16 << 20
 def summary(results: Sequence[OpResult], min_bytes: int = 0) -> List[Dict[str, object]]:
     """Per dtype, layout and mode: geometric mean (and range) over shapes (those whose input
     has at least ``min_bytes``) of frozennorm's time relative to the floor and of each
-    peer's time relative to frozennorm's."""
+    peer's time relative to frozennorm's; ``busy``: how many of the ``shapes`` were timed
+    while other processes kept the CPU busy (kept, and marked in the tables)."""
     groups: Dict[Tuple[str, str, str], Dict[str, List[float]]] = defaultdict(
         lambda: defaultdict(list))
+    busy: Dict[Tuple[str, str, str], List[bool]] = defaultdict(list)
     for (_, dtype, layout, mode), rs in by_case(results).items():
         mine = rs.get("frozennorm")
-        if mine is None or mine.stats is None or mine.busy or mine.case.tensor_bytes < min_bytes:
+        if mine is None or mine.stats is None or mine.case.tensor_bytes < min_bytes:
             continue
+        busy[(dtype, layout, mode)].append(mine.busy)
         g = groups[(dtype, layout, mode)]
         if mine.x_floor:
             g["x_floor"].append(mine.x_floor)
@@ -149,7 +152,9 @@ def summary(results: Sequence[OpResult], min_bytes: int = 0) -> List[Dict[str, o
                 g[peer].append(s)
     out = []
     for (dtype, layout, mode), g in groups.items():
-        row: Dict[str, object] = {"dtype": dtype, "layout": layout, "mode": mode}
+        flags = busy[(dtype, layout, mode)]
+        row: Dict[str, object] = {"dtype": dtype, "layout": layout, "mode": mode,
+                                  "shapes": len(flags), "busy": sum(flags)}
         for key, vals in g.items():
             row[key] = {"geomean": geomean(vals), "min": min(vals), "max": max(vals),
                         "n": len(vals)}
@@ -166,12 +171,20 @@ def _ratio_cell(entry: Optional[Dict[str, float]]) -> str:
 
 
 SUMMARY_HEADERS = ["dtype", "layout", "mode", "frozennorm x floor"] + [
-    f"vs {LABELS[p]}" for p in PEERS]
+    f"vs {LABELS[p]}" for p in PEERS] + ["timed busy"]
+
+
+def _busy_cell(row: Dict[str, object]) -> str:
+    """How many shapes of a summary row were timed on a busy machine (older results.json
+    files, which left those out, have no count)."""
+    if not row.get("busy"):
+        return "-"
+    return f"{row['busy']} of {row['shapes']} shapes"
 
 
 def summary_rows(rows: Sequence[Dict[str, object]]) -> List[List[str]]:
     return [[r["dtype"], r["layout"], r["mode"], _ratio_cell(r.get("x_floor"))]
-            + [_ratio_cell(r.get(p)) for p in PEERS] for r in rows]
+            + [_ratio_cell(r.get(p)) for p in PEERS] + [_busy_cell(r)] for r in rows]
 
 
 def headline_rows(results: Sequence[OpResult]) -> List[List[str]]:
@@ -348,7 +361,8 @@ METHOD_NOTE = """\
   call).
 - `foreign_load` in results.json: CPU cores other processes kept busy while a case was
   timed (Linux /proc/stat); CPU timings above 0.25 are suspect: marked `(busy)` in the
-  tables and left out of the summary (`--busy-retries N` retakes them)."""
+  tables, counted in the summary's `timed busy` column and hatched in the plots
+  (`--busy-retries N` retakes them)."""
 
 
 def write_markdown(path: Path, meta: Dict[str, object], ops: Sequence[OpResult],
@@ -400,16 +414,22 @@ def _pyplot():
     return plt
 
 
-def _bars(ax, groups: Sequence[str], series: Dict[str, List[Optional[float]]],
-          rotation: int = 30) -> None:
-    """Grouped bars: one group per x label, one bar per series (missing values skipped)."""
+def _bars(ax, groups: Sequence[str], series: Dict[str, List[Optional[Result]]],
+          value: Callable[[Result], Optional[float]], rotation: int = 30) -> None:
+    """Grouped bars: one group per x label, one bar per series (results without a value
+    skipped); results timed on a busy machine hatched."""
     width = 0.8 / max(len(series), 1)
-    for i, (name, values) in enumerate(series.items()):
+    for i, (name, results) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        pairs = [(x, v) for x, v in zip(xs, values) if v is not None]
-        if pairs:
-            ax.bar([p[0] for p in pairs], [p[1] for p in pairs], width,
-                   label=LABELS.get(name, VARIANTS.get(name, name)), color=COLORS.get(name))
+        bars = [(x, value(r), r.busy) for x, r in zip(xs, results)
+                if r is not None and value(r) is not None]
+        label = LABELS.get(name, VARIANTS.get(name, name))
+        for busy in (False, True):
+            some = [b for b in bars if b[2] == busy]
+            if some:
+                ax.bar([b[0] for b in some], [b[1] for b in some], width, color=COLORS.get(name),
+                       label=None if busy and len(some) < len(bars) else label,
+                       hatch="//" if busy else None, edgecolor="white" if busy else None)
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=rotation, ha="right" if rotation else "center",
@@ -427,8 +447,30 @@ def _ratio_ticks(ax) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _x_floor(result: Optional[OpResult]) -> Optional[float]:
-    return result.x_floor if result is not None and not result.busy else None
+def _no_bars_note(ax) -> None:
+    """Says why a panel is empty (every contender failed) instead of leaving it blank."""
+    if not ax.get_legend_handles_labels()[0]:
+        ax.text(0.5, 0.5, "no timings: every contender failed", transform=ax.transAxes,
+                ha="center", va="center")
+
+
+def _legend(fig, drawn: Sequence[Result]) -> int:
+    """One legend entry per contender with a bar in any panel (plain, whether or not its
+    bars are hatched), in rows that fit the figure's width; returns the number of rows."""
+    from matplotlib.patches import Patch
+
+    names = [n for n in LABELS if any(r.name == n for r in drawn)]
+    if not names:
+        return 0
+    ncol = max(1, min(len(names), int(fig.get_figwidth() / 1.9)))
+    fig.legend(handles=[Patch(facecolor=COLORS.get(n), label=LABELS[n]) for n in names],
+               loc="lower center", ncol=ncol, fontsize=8)
+    return math.ceil(len(names) / ncol)
+
+
+def _busy_note(results: Sequence[Result]) -> str:
+    return ("\n(hatched: timed while other processes kept the CPU busy, suspect)"
+            if any(r.busy for r in results) else "")
 
 
 def plot_op_level(plt, out_dir: Path, ops: Sequence[OpResult], device_name: str) -> List[str]:
@@ -448,24 +490,28 @@ def plot_op_level(plt, out_dir: Path, ops: Sequence[OpResult], device_name: str)
                                  figsize=(max(7.0, 1.1 * len(shapes) * cols + 2), 3.4 * rows + 0.8))
         for k, (mode, layout) in enumerate(panels):
             ax = axes[k // cols][k % cols]
-            series = {name: [_x_floor(cases.get((s, dtype, layout, mode), {}).get(name))
-                             for s in shapes] for name in LABELS if name != "clone"}
-            _bars(ax, [f"{s}\n{shape_str(dims[s])}" for s in shapes], series, rotation=0)
+            series = {name: [cases.get((s, dtype, layout, mode), {}).get(name) for s in shapes]
+                      for name in LABELS if name != "clone"}
+            _bars(ax, [f"{s}\n{shape_str(dims[s])}" for s in shapes], series,
+                  lambda r: r.x_floor, rotation=0)
             ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-            ax.set_yscale("log")
-            _ratio_ticks(ax)
+            _no_bars_note(ax)
+            if ax.has_data():
+                ax.set_yscale("log")
+                _ratio_ticks(ax)
             ax.set_title(f"{mode}, {layout}", fontsize=10)
             ax.grid(axis="y", which="both", alpha=0.3)
             if k % cols == 0:
                 ax.set_ylabel("time / x.clone() (lower is better)")
         for k in range(len(panels), rows * cols):
             axes[k // cols][k % cols].set_visible(False)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-        fig.suptitle(f"frozennorm vs peers, {dtype}, {device_name} (dashed: x.clone() floor)",
-                     fontsize=11)
+        legend_rows = _legend(fig, [r for r in mine if r.name != "clone" and
+                                    r.x_floor is not None])
+        fig.suptitle(f"frozennorm vs peers, {dtype}, {device_name} (dashed: x.clone() floor)"
+                     + _busy_note(mine), fontsize=11)
         height = fig.get_figheight()
-        fig.tight_layout(rect=(0, 0.5 / height, 1, 1 - 0.3 / height))
+        title = 0.5 if _busy_note(mine) else 0.3  # inches for the title's lines
+        fig.tight_layout(rect=(0, (0.2 + 0.25 * legend_rows) / height, 1, 1 - title / height))
         name = f"op_level_{dtype}.png"
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -477,21 +523,26 @@ def plot_end_to_end(plt, out_dir: Path, e2e: Sequence[E2EResult], device_name: s
     """Time per step of each variant, one group per configuration and mode."""
     groups = list(dict.fromkeys(r.case.label for r in e2e))
     by = {(r.case.label, r.name): r for r in e2e}
-    series = {v: [by[(g, v)].stats.median * 1e3 if (g, v) in by and by[(g, v)].stats else None
-                  for g in groups] for v in VARIANTS if any(r.name == v for r in e2e)}
+    series = {v: [by.get((g, v)) for g in groups]
+              for v in VARIANTS if any(r.name == v for r in e2e)}
+
+    def ms(r: Result) -> Optional[float]:
+        return r.stats.median * 1e3 if r.stats else None
+
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(groups) + 2), 4.5))
-    _bars(ax, groups, series)
-    for v_index, (v, values) in enumerate(series.items()):
-        for g_index, value in enumerate(values):
-            r = by.get((groups[g_index], v))
-            if value is not None and r is not None and r.bn_share is not None and v != "identity":
+    _bars(ax, groups, series, ms)
+    for v_index, (v, results) in enumerate(series.items()):
+        for g_index, r in enumerate(results):
+            if r is not None and ms(r) is not None and r.bn_share is not None and v != "identity":
                 x = g_index + (v_index - (len(series) - 1) / 2) * 0.8 / len(series)
-                ax.annotate(f"{100 * r.bn_share:.0f}%", (x, value), ha="center", va="bottom",
+                ax.annotate(f"{100 * r.bn_share:.0f}%", (x, ms(r)), ha="center", va="bottom",
                             fontsize=7)
     ax.set_ylabel("ms per call (lower is better)")
-    ax.set_title(f"End to end, {device_name}\n(labels: BN share of the step)",
-                 fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(f"End to end, {device_name}\n(labels: BN share of the step)"
+                 + _busy_note(e2e), fontsize=10)
+    _no_bars_note(ax)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "end_to_end.png", dpi=110)

@@ -2,6 +2,7 @@
 (with warm-up, synchronisation and an L2 flush for small tensors) on GPU."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
@@ -12,7 +13,23 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Protocol, TextIO, Tuple, TypeVar
 
 import torch
-from torch.utils import benchmark
+
+
+def _import_benchmark():
+    """torch.utils.benchmark, without the warning its import of torch.utils.cpp_extension
+    logs where a CUDA build of torch has no GPU ("No CUDA runtime is found, using
+    CUDA_HOME=..."): it concerns compiling extensions, not this benchmark."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark as module
+    finally:
+        log.setLevel(level)
+    return module
+
+
+benchmark = _import_benchmark()
 
 #: Takes the samples of one round: per-call seconds.
 Sampler = Callable[[], List[float]]
