@@ -254,12 +254,12 @@ def cuda_arch_list(torch, nvcc_release):
 
 def glibc_compat_flags():
     """Compiler flags that keep the library's glibc requirement at torch's (2.28) when it is
-    built on a newer glibc: build_support/glibc_compat/ holds a force-included header that
+    built on a newer glibc: csrc/glibc_compat/ holds a force-included header that
     binds exp/log/pow to their pre-2.29 symbol versions, and a <sys/single_threaded.h> that
     stops libstdc++'s headers from reading ``__libc_single_threaded`` (GLIBC_2.32)."""
     if not sys.platform.startswith("linux"):
         return []
-    compat = os.path.join(ROOT, "build_support", "glibc_compat")
+    compat = os.path.join(ROOT, "csrc", "glibc_compat")
     return ["-isystem", compat, "-include", os.path.join(compat, "glibc_compat.h")]
 
 

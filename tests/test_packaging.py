@@ -37,7 +37,7 @@ def test_sdist_holds_every_source_and_test_file(tmp_path):
     (sdist,) = tmp_path.glob("frozennorm-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    wanted = _tracked("csrc", "tests", "build_support", "frozennorm", "examples") | {
+    wanted = _tracked("csrc", "tests", "frozennorm", "examples") | {
         "LICENSE", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in"}
     assert not wanted - names, sorted(wanted - names)
     assert not {n for n in names if n.endswith((".so", ".pyc", "_build_info.json"))}
