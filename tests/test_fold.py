@@ -85,6 +85,7 @@ def test_resnet18_training_fold_keeps_checkpoints():
     check_close(unfolded, folded, IMAGE, grads=False)
 
 
+@pytest.mark.slow
 def test_resnet50_inference_and_training_with_fuse():
     model = frozen(tvm.resnet50())
     deploy, rep = fold_frozen_bn(model.eval(), report=True)

@@ -96,7 +96,9 @@ IMAGE = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0",
-                                  "regnet_y_400mf", "shufflenet_v2_x0_5", "densenet121"])
+                                  pytest.param("regnet_y_400mf", marks=pytest.mark.slow),
+                                  "shufflenet_v2_x0_5",
+                                  pytest.param("densenet121", marks=pytest.mark.slow)])
 def test_torchvision_classification(name):
     torch.manual_seed(0)
     check_model(getattr(tvm, name)(), IMAGE, call)
