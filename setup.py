@@ -323,7 +323,6 @@ def configure():
                     sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
         include_dirs += extra_cuda_includes(cuda_home)
         extra["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"] + glibc_compat_flags()
-        extra["cxx"].append("-DFROZENNORM_WITH_CUDA")
         info.update(nvcc_version=nvcc_release, cuda_arch_list=cuda_arch_list(torch, nvcc_release))
         ext_cls = cpp_extension.CUDAExtension
     else:
