@@ -15,11 +15,14 @@ exist, and stay frozen in every checkpoint and every later training. This script
 2. checks the frozen layers' statistics in ``last.pt`` (the EMA Ultralytics saves) and
    after a second training started from ``last.pt``: changed 0 of N,
 3. runs Ultralytics' ``val``, ``predict`` and ONNX ``export`` on the result, and writes
-   a portable copy of ``last.pt`` that loads without frozennorm.
+   a portable copy of ``last.pt`` that loads without frozennorm;
+4. compares outputs: the converted starting model against the unconverted one (eval mode),
+   and the exported ONNX model (onnxruntime) against the trained PyTorch model.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -30,7 +33,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # no downloads (fonts, weights, data
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from frozennorm import audit  # noqa: E402
+from frozennorm import audit, convert_frozen_bn  # noqa: E402
 from frozennorm.integrations.ultralytics import (FrozenBNDetectionTrainer,  # noqa: E402
                                                  freeze_scope, portable_checkpoint)
 
@@ -75,6 +78,17 @@ def changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> 
     return sum(not torch.equal(before[k], after[k]) for k in before)
 
 
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.eval()(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def train(model: str, data: Path, out: Path, name: str, args: argparse.Namespace) -> Path:
     from ultralytics import YOLO
 
@@ -108,13 +122,19 @@ def main(argv=None) -> Dict[str, object]:
             start.save(out / "start.pt")
             args.model = str(out / "start.pt")
         scope = freeze_scope(args.freeze)
-        before = statistics(YOLO(args.model).model, scope)
+        unconverted = YOLO(args.model).model.float()
+        before = statistics(unconverted, scope)
+        x = torch.rand(1, 3, args.imgsz, args.imgsz, generator=torch.Generator().manual_seed(0))
+        converted = convert_frozen_bn(copy.deepcopy(unconverted), include=scope)
+        converted_vs_unconverted = relative_difference(predictions(converted, x),
+                                                       predictions(unconverted, x))
 
         last = train(args.model, data, out, "train", args)
         after = statistics(YOLO(str(last)).model, scope)
         again = statistics(YOLO(str(train(str(last), data, out, "again", args))).model, scope)
         result = {"frozen statistics": len(before), "changed": changed(before, after),
-                  "changed after training from last.pt": changed(before, again)}
+                  "changed after training from last.pt": changed(before, again),
+                  "converted vs unconverted outputs (relative)": converted_vs_unconverted}
 
         trained = YOLO(str(last))
         metrics = trained.val(data=str(data), imgsz=args.imgsz, batch=args.batch,
@@ -125,6 +145,15 @@ def main(argv=None) -> Dict[str, object]:
                                                            device=args.device, verbose=False)[0].boxes)
         result["val mAP50-95"] = float(metrics.box.map)
         result["onnx"] = trained.export(format="onnx", imgsz=args.imgsz)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            pass
+        else:
+            session = ort.InferenceSession(result["onnx"], providers=["CPUExecutionProvider"])
+            onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+            result["onnx vs pytorch outputs (relative)"] = relative_difference(
+                torch.from_numpy(onnx_out), predictions(YOLO(str(last)).model.float(), x))
         result["portable checkpoint"] = str(portable_checkpoint(last))
         for key, value in result.items():
             print(f"{key}: {value}")

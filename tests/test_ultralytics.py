@@ -222,6 +222,8 @@ def test_recipe_end_to_end(tmp_path):
     assert result["frozen statistics"] == 54
     assert result["changed"] == 0 and result["changed after training from last.pt"] == 0
     assert Path(result["onnx"]).is_file() and "predict boxes" in result
+    assert result["converted vs unconverted outputs (relative)"] < 1e-5
+    assert result.get("onnx vs pytorch outputs (relative)", 0.0) < 1e-4
     last = tmp_path / "train" / "weights" / "last.pt"
     for path, loads in ((result["portable checkpoint"], True), (last, False)):
         out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_FROZENNORM, str(path)],
