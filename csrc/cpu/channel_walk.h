@@ -15,6 +15,13 @@
 //   bool aligned(int64_t k)   — may outputs at k take aligned (non-temporal) stores?
 #pragma once
 
+// A plain compile of a *_kernel.cpp (no capability flags from setup.py) is the baseline build.
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#define CPU_CAPABILITY_DEFAULT
+#endif
+
+#include "dispatch.h"
 #include "kernel_problem.h"
 
 #include <ATen/Dispatch.h>
@@ -25,13 +32,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
-#ifndef CPU_CAPABILITY
-#error "channel_walk.h needs CPU_CAPABILITY (the namespace of this build's vector code)"
-#endif
-
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define FROZENNORM_X86_SIMD 1
 #include <immintrin.h>
 #endif
 
@@ -49,13 +54,36 @@ namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// This build, from the flags it was compiled with (setup.py: CPU_CAPABILITY_* and -m...).
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+constexpr Capability kThisCapability = Capability::kAVX512BF16;
+#elif defined(CPU_CAPABILITY_AVX512)
+constexpr Capability kThisCapability = Capability::kAVX512;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr Capability kThisCapability = Capability::kAVX2;
+#else
+constexpr Capability kThisCapability = Capability::kDefault;
+#endif
+
+// Registers this build's loops (see dispatch.h) while the library loads. The registering
+// initializer only passes a constant and an address: no instruction of this build's
+// capability runs before the CPU has been checked.
+inline bool register_this_build(const Kernels& loops) {
+  return register_kernels(kThisCapability, &loops);
+}
+
+// Non-temporal stores take whole vectors at an address aligned to their width.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kStreamAlign = 64;
+#else
 constexpr int64_t kStreamAlign = 32;
+#endif
 constexpr int64_t kSmallPlane = 256;
 
 // a * b + c, rounded once where the build has FMA (as the vector path's fmadd is).
 template <typename T>
 inline T fma_scalar(T a, T b, T c) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FROZENNORM_X86_SIMD)
   return std::fma(a, b, c);
 #else
   return a * b + c;
@@ -68,17 +96,25 @@ inline T param(const T* p, int64_t i) {
   return p != nullptr ? p[i] : T(0);
 }
 
-// Non-temporal store of one 32-byte vector to a 32-byte aligned address.
-#if defined(CPU_CAPABILITY_AVX2)
-inline void stream_store(float* p, const Vectorized<float>& v) {
-  _mm256_stream_ps(p, v);
+// Non-temporal store of one vector to an address aligned to its width.
+#if defined(FROZENNORM_X86_SIMD)
+#if defined(CPU_CAPABILITY_AVX512)
+using StreamBits = __m512i;
+inline void stream_bits(StreamBits* p, StreamBits v) {
+  _mm512_stream_si512(p, v);
 }
-inline void stream_store(double* p, const Vectorized<double>& v) {
-  _mm256_stream_pd(p, v);
+#else
+using StreamBits = __m256i;
+inline void stream_bits(StreamBits* p, StreamBits v) {
+  _mm256_stream_si256(p, v);
 }
-template <typename T>  // float16 / bfloat16
+#endif
+template <typename T>
 inline void stream_store(T* p, const Vectorized<T>& v) {
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  static_assert(sizeof(v) == sizeof(StreamBits), "one register per vector");
+  StreamBits bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  stream_bits(reinterpret_cast<StreamBits*>(p), bits);
 }
 inline void stream_fence() {
   _mm_sfence();
