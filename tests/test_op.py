@@ -1,5 +1,7 @@
 """The fused op against an fp64 oracle: values, gradients, layouts, opcheck, errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -281,6 +283,35 @@ class TestErrors:
             frozen_bn_backward(torch.randn(2, 4), torch.ones(4, dtype=torch.float16))
         with pytest.raises(RuntimeError, match="one value per channel"):
             frozen_bn_backward(torch.randn(2, 4), torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_subnormal_results_are_rounded_not_flushed_cpu(dtype, layout):
+    """Results in the subnormal range of the data dtype, beside normal ones in every vector,
+    forward, backward and fused, are rounded to nearest even like any other (the AVX512-BF16
+    conversion instruction alone would flush them to zero). Scale 1.5 with mean and shift 0:
+    the float32 products are exact, so the only rounding is the one to the data dtype."""
+    fi = torch.finfo(dtype)
+    lo, hi = math.log2(fi.smallest_normal * fi.eps), math.log2(fi.smallest_normal) + 4
+    g = torch.Generator().manual_seed(7)
+    shape = [2, 64, 6, 11]  # NCHW planes of 66, channels-last rows of 64: whole vectors
+    mag = torch.exp2(torch.empty(shape, dtype=torch.float64).uniform_(lo, hi, generator=g))
+    sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    x = make_layout((mag * sign).to(dtype), layout)
+    C = shape[1]
+    weight, bias = torch.full((C,), 1.5), torch.zeros(C)
+    mean, var = torch.zeros(C), torch.ones(C)
+    args = (x, weight, bias, mean, var, 0.0)
+    exact = oracle(*args)
+    y, scale = frozen_bn(*args)
+    assert_close_to_exact(y, exact, oracle_terms(*args), compute_eps(dtype))
+    gi = frozen_bn_backward(x, scale)
+    assert_close_to_exact(gi, exact, oracle_terms(*args), compute_eps(dtype), "grad_input")
+    fused = torch.ops.frozennorm.frozen_bn_act(x, None, weight, bias, mean, var, 0.0, 1, False)[0]
+    assert torch.equal(fused, torch.relu(y))
+    subnormal = (y != 0) & (y.abs() < fi.smallest_normal)
+    assert subnormal.sum() > y.numel() // 10 and (y.abs() >= fi.smallest_normal).any()
 
 
 def test_zero_size_and_one_by_one():

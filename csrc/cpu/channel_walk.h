@@ -127,6 +127,23 @@ inline void stream_store(T* p, const V& v) {
 inline void stream_fence() {}
 #endif
 
+// Two float vectors rounded (to nearest even) to one vector of T (float16 or bfloat16).
+template <typename T>
+inline Vectorized<T> from_float(const Vectorized<float>& lo, const Vectorized<float>& hi) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // One instruction (VCVTNE2PS2BF16) instead of at::vec's integer rounding. It flushes
+    // subnormal floats to zero, whose exact rounding is a bfloat16 subnormal: vectors with
+    // one (rare) take at::vec's rounding.
+    const __mmask16 subnormal = _mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20);
+    if (__builtin_expect(subnormal == 0, 1)) {
+      return Vectorized<T>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  }
+#endif
+  return at::vec::convert_from_float<T>(lo, hi);
+}
+
 // kStep elements of scalar_t as kParts vectors of acc_t (kVectorized == false: scalar only).
 template <typename scalar_t, typename acc_t, typename = void>
 struct VecIO {
@@ -171,7 +188,7 @@ struct VecIO<
   }
   template <bool kStream>
   static void store(T* p, const AccVec* in) {
-    const auto v = at::vec::convert_from_float<T>(in[0], in[1]);
+    const auto v = from_float<T>(in[0], in[1]);
     if constexpr (kStream) {
       stream_store(p, v);
     } else {
@@ -180,7 +197,7 @@ struct VecIO<
   }
   // Rounds to T and back: the value the unfused op would have stored.
   static void round(AccVec* v) {
-    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
+    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(from_float<T>(v[0], v[1]));
   }
 };
 
