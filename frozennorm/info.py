@@ -37,6 +37,7 @@ def collect() -> Dict[str, Any]:
         "CPU threads": torch.get_num_threads(),
         "CPU kernels' threads": _cpu_kernel_threads(),
         "CPU capability": torch.backends.cpu.get_cpu_capability(),
+        "CPU kernels' build": torch.ops.frozennorm._cpu_capability() if ops.COMPILED else "n/a",
         "python": platform.python_version(),
         "platform": platform.platform(),
     }

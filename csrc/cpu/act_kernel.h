@@ -77,6 +77,7 @@ struct Act {
 template <typename scalar_t, typename acc_t_, Activation kAct>
 struct ActForwardOp {
   using acc_t = acc_t_;
+  static constexpr bool kShift = true;
   using IO = VecIO<scalar_t, acc_t>;
   using V = typename IO::AccVec;
 
@@ -121,6 +122,7 @@ struct ActForwardOp {
 template <typename scalar_t, typename acc_t_, Activation kAct>
 struct ActBackwardOp {
   using acc_t = acc_t_;
+  static constexpr bool kShift = false;
   using IO = VecIO<scalar_t, acc_t>;
   using V = typename IO::AccVec;
 

@@ -9,9 +9,10 @@
 namespace frozennorm::cpu {
 namespace CPU_CAPABILITY {
 
-template <typename scalar_t, typename acc_t_, bool kShift>
+template <typename scalar_t, typename acc_t_, bool kShift_>
 struct AffineOp {
   using acc_t = acc_t_;
+  static constexpr bool kShift = kShift_;  // has a mean and shift (the forward)
   using IO = VecIO<scalar_t, acc_t>;
   using V = typename IO::AccVec;
 
