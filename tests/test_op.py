@@ -285,6 +285,23 @@ class TestErrors:
             frozen_bn_backward(torch.randn(2, 4), torch.ones(3))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step", [2, 3])
+def test_strided_channels_of_channels_last_cpu(dtype, step):
+    """Every other (third) channel of a channels-last tensor: the channels are the innermost
+    dimension but strided, so each row is gathered (in chunks, 300 channels being more than
+    one) before the vector loop, the parameters following the channel."""
+    big = torch.randn(2, step * 300, 3, 5, dtype=torch.float64).to(dtype)
+    x = big.contiguous(memory_format=torch.channels_last)[:, ::step]
+    assert not x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == step
+    s = make_sample(list(x.shape), dtype, seed=step)
+    s = type(s)(x, s.weight, s.bias, s.mean, s.var, s.eps)
+    _, scale = check_forward(s)
+    gi = frozen_bn_backward(x, scale)  # the strided tensor as grad_output
+    exact = oracle(x, s.weight, None, torch.zeros_like(s.mean), s.var, s.eps)
+    assert_close_to_exact(gi, exact, exact.abs(), compute_eps(dtype, scale.dtype), "grad_input")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_subnormal_results_are_rounded_not_flushed_cpu(dtype, layout):
