@@ -346,21 +346,38 @@ void walk_small_planes(const Op op, int64_t k, int64_t n, int64_t c, int64_t pos
   while (j < n) scalar();
 }
 
-// Walks [k, k + n) plane by plane without streaming stores, starting in channel c at
-// position pos of its plane: each plane segment is one run (parameters broadcast once, an
-// overlapping last vector), so there is no per-vector parameter blending whatever the plane
-// length.
+// Walks [k, k + n) plane by plane without streaming stores (planes of at least kStep
+// elements), starting in channel c at position pos of its plane: each plane's parameters are
+// broadcast once and its last vector overlaps the one before, so there is no per-vector
+// parameter blending and no scalar remainder whatever the plane length. The whole planes
+// between the chunk's partial first and last ones take a loop without the run's length
+// tests: ~1/3 fewer instructions per 7x7 plane.
 template <typename Op>
 void walk_planes(const Op op, int64_t k, int64_t n, int64_t c, int64_t pos, int64_t inner,
                  int64_t C, const typename Op::acc_t* mean, const typename Op::acc_t* scale,
                  const typename Op::acc_t* shift) {
-  for (int64_t j = 0; j < n;) {
-    const int64_t len = std::min(inner - pos, n - j);
-    walk_run<false, false>(op, k + j, len, c, mean, scale, shift);
-    j += len;
-    pos = 0;
-    c = c + 1 == C ? 0 : c + 1;
+  using IO = typename Op::IO;
+  using V = typename IO::AccVec;
+  auto next = [C](int64_t ch) { return ch + 1 == C ? int64_t{0} : ch + 1; };
+  int64_t j = 0;
+  if (pos != 0) {  // the rest of the first plane
+    j = std::min(inner - pos, n);
+    walk_run<false, false>(op, k, j, c, mean, scale, shift);
+    c = next(c);
   }
+  V m[IO::kParts], s[IO::kParts], b[IO::kParts];
+  for (; j + inner <= n; j += inner) {
+    for (int part = 0; part < IO::kParts; ++part) {
+      m[part] = V(param<Op>(mean, c));
+      s[part] = V(scale[c]);
+      b[part] = V(param<Op>(shift, c));
+    }
+    int64_t i = 0;
+    for (; i + IO::kStep < inner; i += IO::kStep) op.template step<false>(k + j + i, m, s, b);
+    op.template step<false>(k + j + inner - IO::kStep, m, s, b);
+    c = next(c);
+  }
+  if (j < n) walk_run<false, false>(op, k + j, n - j, c, mean, scale, shift);  // the last plane's start
 }
 
 // Walks [k, k + n) over whole channels-last rows of C channels (C a multiple of the vector
