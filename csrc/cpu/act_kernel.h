@@ -103,7 +103,7 @@ struct ActForwardOp {
   }
 
   template <bool kStream>
-  void step(int64_t k, const V* m, const V* s, const V* b) const {
+  FROZENNORM_ALWAYS_INLINE void step(int64_t k, const V* m, const V* s, const V* b) const {
     if constexpr (IO::kVectorized) {
       V v[IO::kParts];
       IO::load(in + k, v);
@@ -150,7 +150,7 @@ struct ActBackwardOp {
   }
 
   template <bool kStream>
-  void step(int64_t k, const V*, const V* s, const V*) const {
+  FROZENNORM_ALWAYS_INLINE void step(int64_t k, const V*, const V* s, const V*) const {
     if constexpr (IO::kVectorized) {
       V g[IO::kParts], sv[IO::kParts];
       IO::load(grad + k, g);

@@ -36,7 +36,7 @@ struct AffineOp {
   }
 
   template <bool kStream>
-  void step(int64_t k, const V* m, const V* s, const V* b) const {
+  FROZENNORM_ALWAYS_INLINE void step(int64_t k, const V* m, const V* s, const V* b) const {
     if constexpr (IO::kVectorized) {
       V v[IO::kParts];
       IO::load(in + k, v);

@@ -40,7 +40,10 @@
 #include <immintrin.h>
 #endif
 
-// walk_run is the body of the per-plane loops: a call per short plane costs ~25 % on 7x7 maps.
+// For what runs per vector or per run (an Op's step, the conversions, walk_run): GCC left the
+// fused epilogues' step out of line in some walkers (a call per vector, its vectors passed in
+// memory: 3-5x slower on channels-last rows), and a call per short plane costs ~25 % on 7x7
+// maps.
 #ifndef FROZENNORM_ALWAYS_INLINE
 #if defined(_MSC_VER)
 #define FROZENNORM_ALWAYS_INLINE __forceinline
@@ -124,12 +127,14 @@ inline void stream_fence() {}
 
 // Two float vectors rounded (to nearest even) to one vector of T (float16 or bfloat16).
 template <typename T>
-inline Vectorized<T> from_float(const Vectorized<float>& lo, const Vectorized<float>& hi) {
+FROZENNORM_ALWAYS_INLINE Vectorized<T> from_float(const Vectorized<float>& lo,
+                                                  const Vectorized<float>& hi) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     // One instruction (VCVTNE2PS2BF16) instead of at::vec's integer rounding. It flushes
     // subnormal floats to zero, whose exact rounding is a bfloat16 subnormal: vectors with
-    // one (rare) take at::vec's rounding.
+    // one (rare) take at::vec's rounding (inlined: a call, even on the cold path, costs
+    // ~15 % on cache-resident planes).
     if (__builtin_expect(_mm512_kortestz(_mm512_fpclass_ps_mask(lo, 0x20),
                                          _mm512_fpclass_ps_mask(hi, 0x20)), 1)) {
       return Vectorized<T>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
@@ -141,7 +146,7 @@ inline Vectorized<T> from_float(const Vectorized<float>& lo, const Vectorized<fl
 
 // The float values of one vector of T (float16 or bfloat16) at p, as two float vectors.
 template <typename T>
-inline void to_float(const T* p, Vectorized<float>* out) {
+FROZENNORM_ALWAYS_INLINE void to_float(const T* p, Vectorized<float>* out) {
 #if defined(FROZENNORM_X86_SIMD)
   // Each half widened straight from memory (at::vec loads the whole vector, then splits it).
   for (int part = 0; part < 2; ++part) {
@@ -182,11 +187,11 @@ struct VecIO<T, T, std::enable_if_t<std::is_same_v<T, float> || std::is_same_v<T
   using AccVec = Vectorized<T>;
   static constexpr int64_t kStep = AccVec::size();
   static constexpr int kParts = 1;
-  static void load(const T* p, AccVec* out) {
+  FROZENNORM_ALWAYS_INLINE static void load(const T* p, AccVec* out) {
     out[0] = AccVec::loadu(p);
   }
   template <bool kStream>
-  static void store(T* p, const AccVec* in) {
+  FROZENNORM_ALWAYS_INLINE static void store(T* p, const AccVec* in) {
     if constexpr (kStream) {
       stream_store(p, in[0]);
     } else {
@@ -206,11 +211,11 @@ struct VecIO<
   static constexpr int64_t kStep = Vectorized<T>::size();
   static constexpr int kParts = kStep / AccVec::size();
   static_assert(kParts == 2, "a reduced-precision vector converts to two float vectors");
-  static void load(const T* p, AccVec* out) {
+  FROZENNORM_ALWAYS_INLINE static void load(const T* p, AccVec* out) {
     to_float(p, out);
   }
   template <bool kStream>
-  static void store(T* p, const AccVec* in) {
+  FROZENNORM_ALWAYS_INLINE static void store(T* p, const AccVec* in) {
     const auto v = from_float<T>(in[0], in[1]);
     if constexpr (kStream) {
       stream_store(p, v);
@@ -219,7 +224,7 @@ struct VecIO<
     }
   }
   // Rounds to T and back: the value the unfused op would have stored.
-  static void round(AccVec* v) {
+  FROZENNORM_ALWAYS_INLINE static void round(AccVec* v) {
     std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(from_float<T>(v[0], v[1]));
   }
 };
@@ -244,7 +249,7 @@ inline typename Op::acc_t param(const typename Op::acc_t* p, int64_t c) {
 // The parameters of channels [c, c + kStep) as Op::IO::kParts vectors each (a mean and
 // shift only where the Op has them: the vectors keep their values otherwise).
 template <typename Op, typename V>
-inline void load_params(int64_t c, const typename Op::acc_t* mean,
+FROZENNORM_ALWAYS_INLINE void load_params(int64_t c, const typename Op::acc_t* mean,
                         const typename Op::acc_t* scale, const typename Op::acc_t* shift, V* m,
                         V* s, V* b) {
   for (int part = 0; part < Op::IO::kParts; ++part) {
