@@ -355,7 +355,7 @@ def configure():
         """Builds the extension and records what it was built for beside it."""
 
         def build_extension(self, ext):
-            self._compile_avx2_sources(ext)
+            self._compile_capability_sources(ext)
             super().build_extension(ext)
             self._write_info(os.path.dirname(self.get_ext_fullpath(ext.name)))
 
@@ -370,20 +370,38 @@ def configure():
                 json.dump(info, f, indent=2, sort_keys=True)
                 f.write("\n")
 
-        def _compile_avx2_sources(self, ext):
-            """Compiles *_avx2.cpp with AVX2/FMA/F16C enabled for those files only."""
-            avx2 = [s for s in ext.sources if s.endswith("_avx2.cpp")]
-            if not avx2:
-                return
-            ext.sources = [s for s in ext.sources if s not in avx2]
-            if platform.machine().lower() not in ("x86_64", "amd64"):
-                return  # the file then builds a stub; only the baseline loop is used
+        def _compile_capability_sources(self, ext):
+            """Compiles csrc/cpu/*_kernel.cpp once more per CPU capability of this target,
+            with that capability's instructions enabled for those files alone (their plain
+            compile among the sources is the baseline build; csrc/cpu/dispatch.h chooses
+            among the builds at run time, so any subset links and loads)."""
+            kernels = [s for s in ext.sources if s.endswith("_kernel.cpp")]
+            builds = self._cpu_capability_builds() if kernels else []
+            log("CPU loops built for: " + ", ".join(["DEFAULT"] + [name for name, _ in builds]))
             cflags = ext.extra_compile_args
             cflags = list(cflags["cxx"] if isinstance(cflags, dict) else cflags)
-            objects = self.compiler.compile(
-                avx2, output_dir=self.build_temp, include_dirs=ext.include_dirs,
-                extra_postargs=cflags + ["-mavx2", "-mfma", "-mf16c"])
-            ext.extra_objects = list(ext.extra_objects or []) + objects
+            for name, flags in builds:
+                objects = self.compiler.compile(
+                    kernels, output_dir=os.path.join(self.build_temp, name.lower()),
+                    include_dirs=ext.include_dirs, extra_postargs=cflags + flags)
+                ext.extra_objects = list(ext.extra_objects or []) + objects
+
+        @staticmethod
+        def _cpu_capability_builds():
+            """The builds besides the baseline, as (name, compiler flags): on x86-64 with GCC
+            or Clang, ATen's AVX2 and AVX512 (the same instruction sets) and AVX512 with
+            AVX512-BF16; none elsewhere (aarch64 runs the baseline build: NEON)."""
+            if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
+                return []
+            avx2 = ["-mavx2", "-mfma", "-mf16c"]
+            # GCC 12 warns about its own AVX-512 intrinsics (bug 105593); the baseline and
+            # AVX2 builds of the same sources keep those warnings for frozennorm's code.
+            avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                             "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
+            return [("AVX2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] + avx2),
+                    ("AVX512", ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"] + avx512),
+                    ("AVX512_BF16", ["-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512"]
+                     + avx512 + ["-mavx512bf16"])]
 
     class KeepObjects(BuildExt):
         """Compiles into build/ also for editable installs (setuptools gives those a

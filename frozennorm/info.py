@@ -54,6 +54,7 @@ def collect() -> Dict[str, Any]:
         "CPU threads": torch.get_num_threads(),
         "CPU kernels' threads": _safe(_cpu_kernel_threads),
         "CPU capability": _safe(torch.backends.cpu.get_cpu_capability),
+        "CPU kernels' build": _safe(lambda: torch.ops.frozennorm._cpu_capability()) if ops.COMPILED else "n/a",
         "python": platform.python_version(),
         "platform": platform.platform(),
     })

@@ -1,5 +1,7 @@
 """The fused op against an fp64 oracle: values, gradients, layouts, opcheck, errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -281,6 +283,52 @@ class TestErrors:
             frozen_bn_backward(torch.randn(2, 4), torch.ones(4, dtype=torch.float16))
         with pytest.raises(RuntimeError, match="one value per channel"):
             frozen_bn_backward(torch.randn(2, 4), torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step", [2, 3])
+def test_strided_channels_of_channels_last_cpu(dtype, step):
+    """Every other (third) channel of a channels-last tensor: the channels are the innermost
+    dimension but strided, so each row is gathered (in chunks, 300 channels being more than
+    one) before the vector loop, the parameters following the channel."""
+    big = torch.randn(2, step * 300, 3, 5, dtype=torch.float64).to(dtype)
+    x = big.contiguous(memory_format=torch.channels_last)[:, ::step]
+    assert not x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == step
+    s = make_sample(list(x.shape), dtype, seed=step)
+    s = type(s)(x, s.weight, s.bias, s.mean, s.var, s.eps)
+    _, scale = check_forward(s)
+    gi = frozen_bn_backward(x, scale)  # the strided tensor as grad_output
+    exact = oracle(x, s.weight, None, torch.zeros_like(s.mean), s.var, s.eps)
+    assert_close_to_exact(gi, exact, exact.abs(), compute_eps(dtype, scale.dtype), "grad_input")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_subnormal_results_are_rounded_not_flushed_cpu(dtype, layout):
+    """Results in the subnormal range of the data dtype, beside normal ones in every vector,
+    forward, backward and fused, are rounded to nearest even like any other (the AVX512-BF16
+    conversion instruction alone would flush them to zero). Scale 1.5 with mean and shift 0:
+    the float32 products are exact, so the only rounding is the one to the data dtype."""
+    fi = torch.finfo(dtype)
+    lo, hi = math.log2(fi.smallest_normal * fi.eps), math.log2(fi.smallest_normal) + 4
+    g = torch.Generator().manual_seed(7)
+    shape = [2, 64, 6, 11]  # NCHW planes of 66, channels-last rows of 64: whole vectors
+    mag = torch.exp2(torch.empty(shape, dtype=torch.float64).uniform_(lo, hi, generator=g))
+    sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    x = make_layout((mag * sign).to(dtype), layout)
+    C = shape[1]
+    weight, bias = torch.full((C,), 1.5), torch.zeros(C)
+    mean, var = torch.zeros(C), torch.ones(C)
+    args = (x, weight, bias, mean, var, 0.0)
+    exact = oracle(*args)
+    y, scale = frozen_bn(*args)
+    assert_close_to_exact(y, exact, oracle_terms(*args), compute_eps(dtype))
+    gi = frozen_bn_backward(x, scale)
+    assert_close_to_exact(gi, exact, oracle_terms(*args), compute_eps(dtype), "grad_input")
+    fused = torch.ops.frozennorm.frozen_bn_act(x, None, weight, bias, mean, var, 0.0, 1, False)[0]
+    assert torch.equal(fused, torch.relu(y))
+    subnormal = (y != 0) & (y.abs() < fi.smallest_normal)
+    assert subnormal.sum() > y.numel() // 10 and (y.abs() >= fi.smallest_normal).any()
 
 
 def test_zero_size_and_one_by_one():

@@ -72,11 +72,17 @@ struct Act {
   }
 };
 
+// act(round(v)) == round(act(v)), and act'(saved) * grad is exact (grad or 0): true of all but
+// SiLU (rounding is monotonic, and ReLU6's bounds 0 and 6 are exact in every dtype).
+template <Activation kAct>
+constexpr bool kRoundingCommutes = kAct != Activation::kSiLU;
+
 // out = act(round(round((in - mean) * scale + shift) + residual)); extra = the pre-activation.
 // residual and extra may be null (predictable branches: one loop for every case).
 template <typename scalar_t, typename acc_t_, Activation kAct>
 struct ActForwardOp {
   using acc_t = acc_t_;
+  static constexpr bool kShift = true;
   using IO = VecIO<scalar_t, acc_t>;
   using V = typename IO::AccVec;
 
@@ -97,18 +103,20 @@ struct ActForwardOp {
   }
 
   template <bool kStream>
-  void step(int64_t k, const V* m, const V* s, const V* b) const {
+  FROZENNORM_ALWAYS_INLINE void step(int64_t k, const V* m, const V* s, const V* b) const {
     if constexpr (IO::kVectorized) {
       V v[IO::kParts];
       IO::load(in + k, v);
       for (int part = 0; part < IO::kParts; ++part) v[part] = at::vec::fmadd(v[part] - m[part], s[part], b[part]);
-      IO::round(v);
       if (residual != nullptr) {
+        IO::round(v);
         V r[IO::kParts];
         IO::load(residual + k, r);
         for (int part = 0; part < IO::kParts; ++part) v[part] = v[part] + r[part];
-        IO::round(v);
       }
+      // The activation of the rounded value: but for SiLU the same as the rounded activation,
+      // whose one rounding is the store's.
+      if constexpr (!kRoundingCommutes<kAct>) IO::round(v);
       if (extra != nullptr) IO::template store<kStream>(extra + k, v);
       for (int part = 0; part < IO::kParts; ++part) v[part] = Act<kAct>::fwd(v[part]);
       IO::template store<kStream>(out + k, v);
@@ -121,6 +129,7 @@ struct ActForwardOp {
 template <typename scalar_t, typename acc_t_, Activation kAct>
 struct ActBackwardOp {
   using acc_t = acc_t_;
+  static constexpr bool kShift = false;
   using IO = VecIO<scalar_t, acc_t>;
   using V = typename IO::AccVec;
 
@@ -141,13 +150,14 @@ struct ActBackwardOp {
   }
 
   template <bool kStream>
-  void step(int64_t k, const V*, const V* s, const V*) const {
+  FROZENNORM_ALWAYS_INLINE void step(int64_t k, const V*, const V* s, const V*) const {
     if constexpr (IO::kVectorized) {
       V g[IO::kParts], sv[IO::kParts];
       IO::load(grad + k, g);
       IO::load(saved + k, sv);
       for (int part = 0; part < IO::kParts; ++part) g[part] = Act<kAct>::bwd(g[part], sv[part]);
-      IO::round(g);
+      // (but for SiLU the gradient is grad_output or zero: already a value of the dtype)
+      if constexpr (!kRoundingCommutes<kAct>) IO::round(g);
       if (extra != nullptr) IO::template store<kStream>(extra + k, g);
       for (int part = 0; part < IO::kParts; ++part) g[part] = g[part] * s[part];
       IO::template store<kStream>(out + k, g);

@@ -9,9 +9,10 @@
 namespace frozennorm::cpu {
 namespace CPU_CAPABILITY {
 
-template <typename scalar_t, typename acc_t_, bool kShift>
+template <typename scalar_t, typename acc_t_, bool kShift_>
 struct AffineOp {
   using acc_t = acc_t_;
+  static constexpr bool kShift = kShift_;  // has a mean and shift (the forward)
   using IO = VecIO<scalar_t, acc_t>;
   using V = typename IO::AccVec;
 
@@ -35,7 +36,7 @@ struct AffineOp {
   }
 
   template <bool kStream>
-  void step(int64_t k, const V* m, const V* s, const V* b) const {
+  FROZENNORM_ALWAYS_INLINE void step(int64_t k, const V* m, const V* s, const V* b) const {
     if constexpr (IO::kVectorized) {
       V v[IO::kParts];
       IO::load(in + k, v);
@@ -58,24 +59,43 @@ struct AffineIterLoop {
   static constexpr int kOut = 0, kIn = 1, kMean = 2, kScale = kShift ? 3 : 2, kShiftOp = 4;
   using Op = AffineOp<scalar_t, acc_t, kShift>;
 
+  // A strided input is gathered this many elements at a time into a buffer for the vector loop.
+  static constexpr int64_t kGather = 256;
+
   void operator()(char** data, const int64_t* strides, int64_t n, int64_t rows) const {
     char* ptrs[kOperands];
     for (int64_t r = 0; r < rows; ++r) {
       for (int k = 0; k < kOperands; ++k) ptrs[k] = data[k] + r * strides[kOperands + k];
-      const bool dense = strides[kOut] == sizeof(scalar_t) && strides[kIn] == sizeof(scalar_t);
       bool params_const = true, params_contig = true;
       for (int k = kIn + 1; k < kOperands; ++k) {
         params_const &= strides[k] == 0;
         params_contig &= strides[k] == sizeof(acc_t);
       }
-      const Op op{reinterpret_cast<const scalar_t*>(ptrs[kIn]), reinterpret_cast<scalar_t*>(ptrs[kOut])};
+      const auto* in = reinterpret_cast<const scalar_t*>(ptrs[kIn]);
+      auto* out = reinterpret_cast<scalar_t*>(ptrs[kOut]);
       const auto* m = kShift ? reinterpret_cast<const acc_t*>(ptrs[kMean]) : nullptr;
       const auto* s = reinterpret_cast<const acc_t*>(ptrs[kScale]);
       const auto* b = kShift ? reinterpret_cast<const acc_t*>(ptrs[kShiftOp]) : nullptr;
-      if (dense && params_const) {
-        walk_run<false, false>(op, 0, n, 0, m, s, b);
-      } else if (dense && params_contig) {
-        walk_run<true, false>(op, 0, n, 0, m, s, b);
+      // out[j + i] for i in [0, len) from from[i] (dense), in channel j + i (params_contig)
+      // or all in one channel (params_const)
+      auto vectors = [&](const scalar_t* from, int64_t j, int64_t len) {
+        const Op op{from, out + j};
+        params_const ? walk_run<false, false>(op, 0, len, 0, m, s, b)
+                     : walk_run<true, false>(op, 0, len, j, m, s, b);
+      };
+      const bool vectorizable = strides[kOut] == sizeof(scalar_t) && (params_const || params_contig);
+      if (vectorizable && strides[kIn] == sizeof(scalar_t)) {
+        vectors(in, 0, n);
+      } else if (vectorizable) {  // a strided input (x[..., ::2]): gathered, then the vector loop
+        scalar_t buf[kGather];
+        for (int64_t j = 0; j < n; j += kGather) {
+          const int64_t len = std::min(kGather, n - j);
+          const char* from = ptrs[kIn] + j * strides[kIn];
+          for (int64_t i = 0; i < len; ++i) {
+            buf[i] = *reinterpret_cast<const scalar_t*>(from + i * strides[kIn]);
+          }
+          vectors(buf, j, len);
+        }
       } else {
         for (int64_t j = 0; j < n; ++j) {
           auto at = [&](int k) { return ptrs[k] + j * strides[k]; };

@@ -15,6 +15,13 @@
 //   bool aligned(int64_t k)   — may outputs at k take aligned (non-temporal) stores?
 #pragma once
 
+// A plain compile of a *_kernel.cpp (no capability flags from setup.py) is the baseline build.
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#define CPU_CAPABILITY_DEFAULT
+#endif
+
+#include "dispatch.h"
 #include "kernel_problem.h"
 
 #include <ATen/Dispatch.h>
@@ -25,17 +32,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
-#ifndef CPU_CAPABILITY
-#error "channel_walk.h needs CPU_CAPABILITY (the namespace of this build's vector code)"
-#endif
-
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define FROZENNORM_X86_SIMD 1
 #include <immintrin.h>
 #endif
 
-// walk_run is the body of the per-plane loops: a call per short plane costs ~25 % on 7x7 maps.
+// For what runs per vector or per run (an Op's step, the conversions, walk_run): GCC left the
+// fused epilogues' step out of line in some walkers (a call per vector, its vectors passed in
+// memory: 3-5x slower on channels-last rows), and a call per short plane costs ~25 % on 7x7
+// maps.
 #ifndef FROZENNORM_ALWAYS_INLINE
 #if defined(_MSC_VER)
 #define FROZENNORM_ALWAYS_INLINE __forceinline
@@ -49,36 +57,62 @@ namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// This build, from the flags it was compiled with (setup.py: CPU_CAPABILITY_* and -m...).
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+constexpr Capability kThisCapability = Capability::kAVX512BF16;
+#elif defined(CPU_CAPABILITY_AVX512)
+constexpr Capability kThisCapability = Capability::kAVX512;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr Capability kThisCapability = Capability::kAVX2;
+#else
+constexpr Capability kThisCapability = Capability::kDefault;
+#endif
+
+// Registers this build's loops (see dispatch.h) while the library loads. The registering
+// initializer only passes a constant and an address: no instruction of this build's
+// capability runs before the CPU has been checked.
+inline bool register_this_build(const Kernels& loops) {
+  return register_kernels(kThisCapability, &loops);
+}
+
+// Non-temporal stores take whole vectors at an address aligned to their width.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kStreamAlign = 64;
+#else
 constexpr int64_t kStreamAlign = 32;
+#endif
 constexpr int64_t kSmallPlane = 256;
 
 // a * b + c, rounded once where the build has FMA (as the vector path's fmadd is).
 template <typename T>
 inline T fma_scalar(T a, T b, T c) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FROZENNORM_X86_SIMD)
   return std::fma(a, b, c);
 #else
   return a * b + c;
 #endif
 }
 
-// Parameter i of a per-channel array; an absent one (the backward's mean and shift) is 0.
-template <typename T>
-inline T param(const T* p, int64_t i) {
-  return p != nullptr ? p[i] : T(0);
-}
 
-// Non-temporal store of one 32-byte vector to a 32-byte aligned address.
-#if defined(CPU_CAPABILITY_AVX2)
-inline void stream_store(float* p, const Vectorized<float>& v) {
-  _mm256_stream_ps(p, v);
+// Non-temporal store of one vector to an address aligned to its width.
+#if defined(FROZENNORM_X86_SIMD)
+#if defined(CPU_CAPABILITY_AVX512)
+using StreamBits = __m512i;
+inline void stream_bits(StreamBits* p, StreamBits v) {
+  _mm512_stream_si512(p, v);
 }
-inline void stream_store(double* p, const Vectorized<double>& v) {
-  _mm256_stream_pd(p, v);
+#else
+using StreamBits = __m256i;
+inline void stream_bits(StreamBits* p, StreamBits v) {
+  _mm256_stream_si256(p, v);
 }
-template <typename T>  // float16 / bfloat16
+#endif
+template <typename T>
 inline void stream_store(T* p, const Vectorized<T>& v) {
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  static_assert(sizeof(v) == sizeof(StreamBits), "one register per vector");
+  StreamBits bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  stream_bits(reinterpret_cast<StreamBits*>(p), bits);
 }
 inline void stream_fence() {
   _mm_sfence();
@@ -90,6 +124,53 @@ inline void stream_store(T* p, const V& v) {
 }
 inline void stream_fence() {}
 #endif
+
+// Two float vectors rounded (to nearest even) to one vector of T (float16 or bfloat16).
+template <typename T>
+FROZENNORM_ALWAYS_INLINE Vectorized<T> from_float(const Vectorized<float>& lo,
+                                                  const Vectorized<float>& hi) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // One instruction (VCVTNE2PS2BF16) instead of at::vec's integer rounding. It flushes
+    // subnormal floats to zero, whose exact rounding is a bfloat16 subnormal: vectors with
+    // one (rare) take at::vec's rounding (inlined: a call, even on the cold path, costs
+    // ~15 % on cache-resident planes).
+    if (__builtin_expect(_mm512_kortestz(_mm512_fpclass_ps_mask(lo, 0x20),
+                                         _mm512_fpclass_ps_mask(hi, 0x20)), 1)) {
+      return Vectorized<T>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+  }
+#endif
+  return at::vec::convert_from_float<T>(lo, hi);
+}
+
+// The float values of one vector of T (float16 or bfloat16) at p, as two float vectors.
+template <typename T>
+FROZENNORM_ALWAYS_INLINE void to_float(const T* p, Vectorized<float>* out) {
+#if defined(FROZENNORM_X86_SIMD)
+  // Each half widened straight from memory (at::vec loads the whole vector, then splits it).
+  for (int part = 0; part < 2; ++part) {
+    const T* q = p + part * Vectorized<float>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      out[part] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      out[part] = _mm512_cvtph_ps(h);
+    }
+#else
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      out[part] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+      out[part] = _mm256_cvtph_ps(h);
+    }
+#endif
+  }
+#else
+  std::tie(out[0], out[1]) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+#endif
+}
 
 // kStep elements of scalar_t as kParts vectors of acc_t (kVectorized == false: scalar only).
 template <typename scalar_t, typename acc_t, typename = void>
@@ -106,11 +187,11 @@ struct VecIO<T, T, std::enable_if_t<std::is_same_v<T, float> || std::is_same_v<T
   using AccVec = Vectorized<T>;
   static constexpr int64_t kStep = AccVec::size();
   static constexpr int kParts = 1;
-  static void load(const T* p, AccVec* out) {
+  FROZENNORM_ALWAYS_INLINE static void load(const T* p, AccVec* out) {
     out[0] = AccVec::loadu(p);
   }
   template <bool kStream>
-  static void store(T* p, const AccVec* in) {
+  FROZENNORM_ALWAYS_INLINE static void store(T* p, const AccVec* in) {
     if constexpr (kStream) {
       stream_store(p, in[0]);
     } else {
@@ -130,12 +211,12 @@ struct VecIO<
   static constexpr int64_t kStep = Vectorized<T>::size();
   static constexpr int kParts = kStep / AccVec::size();
   static_assert(kParts == 2, "a reduced-precision vector converts to two float vectors");
-  static void load(const T* p, AccVec* out) {
-    std::tie(out[0], out[1]) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+  FROZENNORM_ALWAYS_INLINE static void load(const T* p, AccVec* out) {
+    to_float(p, out);
   }
   template <bool kStream>
-  static void store(T* p, const AccVec* in) {
-    const auto v = at::vec::convert_from_float<T>(in[0], in[1]);
+  FROZENNORM_ALWAYS_INLINE static void store(T* p, const AccVec* in) {
+    const auto v = from_float<T>(in[0], in[1]);
     if constexpr (kStream) {
       stream_store(p, v);
     } else {
@@ -143,8 +224,8 @@ struct VecIO<
     }
   }
   // Rounds to T and back: the value the unfused op would have stored.
-  static void round(AccVec* v) {
-    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
+  FROZENNORM_ALWAYS_INLINE static void round(AccVec* v) {
+    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(from_float<T>(v[0], v[1]));
   }
 };
 
@@ -152,6 +233,33 @@ struct VecIO<
 template <typename scalar_t, typename acc_t>
 inline acc_t round_to(acc_t v) {
   return static_cast<acc_t>(static_cast<scalar_t>(v));
+}
+
+// Channel c's value of a per-channel mean or shift: zero for an Op without them
+// (Op::kShift false: the backward's out = in * scale, whose mean and shift are null).
+template <typename Op>
+inline typename Op::acc_t param(const typename Op::acc_t* p, int64_t c) {
+  if constexpr (Op::kShift) {
+    return p[c];
+  } else {
+    return typename Op::acc_t(0);
+  }
+}
+
+// The parameters of channels [c, c + kStep) as Op::IO::kParts vectors each (a mean and
+// shift only where the Op has them: the vectors keep their values otherwise).
+template <typename Op, typename V>
+FROZENNORM_ALWAYS_INLINE void load_params(int64_t c, const typename Op::acc_t* mean,
+                        const typename Op::acc_t* scale, const typename Op::acc_t* shift, V* m,
+                        V* s, V* b) {
+  for (int part = 0; part < Op::IO::kParts; ++part) {
+    const int64_t ch = c + part * V::size();
+    s[part] = V::loadu(scale + ch);
+    if constexpr (Op::kShift) {
+      m[part] = V::loadu(mean + ch);
+      b[part] = V::loadu(shift + ch);
+    }
+  }
 }
 
 // The walkers take the Op by value: its data pointers are then locals the compiler keeps
@@ -170,16 +278,15 @@ FROZENNORM_ALWAYS_INLINE void walk_run(const Op op, int64_t k, int64_t n, int64_
   using IO = typename Op::IO;
   auto scalar = [&](int64_t j) {
     const int64_t ch = kContig ? c + j : c;
-    op.scalar(k + j, param(mean, ch), scale[ch], param(shift, ch));
+    op.scalar(k + j, param<Op>(mean, ch), scale[ch], param<Op>(shift, ch));
   };
   int64_t j = 0;
   if constexpr (IO::kVectorized) {
     using V = typename IO::AccVec;
-    constexpr int64_t kLanes = V::size();
     if constexpr (kStream) {  // scalar until the outputs are aligned for streaming stores
       while (j < n && !op.aligned(k + j)) scalar(j++);
     }
-    const V bm(param(mean, c)), bs(scale[c]), bb(param(shift, c));
+    const V bm(param<Op>(mean, c)), bs(scale[c]), bb(param<Op>(shift, c));
     V m[IO::kParts], s[IO::kParts], b[IO::kParts];
     for (int part = 0; part < IO::kParts; ++part) {
       m[part] = bm;
@@ -187,14 +294,7 @@ FROZENNORM_ALWAYS_INLINE void walk_run(const Op op, int64_t k, int64_t n, int64_
       b[part] = bb;
     }
     auto step = [&](int64_t at) {  // kStep elements at k + at
-      if constexpr (kContig) {
-        for (int part = 0; part < IO::kParts; ++part) {
-          const int64_t ch = c + at + part * kLanes;
-          s[part] = V::loadu(scale + ch);
-          if (mean != nullptr) m[part] = V::loadu(mean + ch);
-          if (shift != nullptr) b[part] = V::loadu(shift + ch);
-        }
-      }
+      if constexpr (kContig) load_params<Op>(c + at, mean, scale, shift, m, s, b);
       op.template step<kStream>(k + at, m, s, b);
     };
     for (; j + IO::kStep <= n; j += IO::kStep) step(j);
@@ -220,7 +320,7 @@ void walk_small_planes(const Op op, int64_t k, int64_t n, int64_t c, int64_t pos
   auto next = [C](int64_t ch) { return ch + 1 == C ? int64_t{0} : ch + 1; };
   int64_t j = 0;
   auto scalar = [&] {
-    op.scalar(k + j, param(mean, c), scale[c], param(shift, c));
+    op.scalar(k + j, param<Op>(mean, c), scale[c], param<Op>(shift, c));
     ++j;
     if (++pos == inner) {
       pos = 0;
@@ -237,9 +337,9 @@ void walk_small_planes(const Op op, int64_t k, int64_t n, int64_t c, int64_t pos
     for (int part = 0; part < IO::kParts; ++part) {
       const int64_t c2 = next(c);
       const V in_c = lane < V(static_cast<acc_t>(inner - pos));
-      m[part] = V::blendv(V(param(mean, c2)), V(param(mean, c)), in_c);
+      m[part] = V::blendv(V(param<Op>(mean, c2)), V(param<Op>(mean, c)), in_c);
       s[part] = V::blendv(V(scale[c2]), V(scale[c]), in_c);
-      b[part] = V::blendv(V(param(shift, c2)), V(param(shift, c)), in_c);
+      b[part] = V::blendv(V(param<Op>(shift, c2)), V(param<Op>(shift, c)), in_c);
       pos += kLanes;  // inner >= kLanes: a lane group ends at most one plane further
       if (pos >= inner) {
         pos -= inner;
@@ -251,27 +351,47 @@ void walk_small_planes(const Op op, int64_t k, int64_t n, int64_t c, int64_t pos
   while (j < n) scalar();
 }
 
-// Walks [k, k + n) plane by plane without streaming stores, starting in channel c at
-// position pos of its plane: each plane segment is one run (parameters broadcast once, an
-// overlapping last vector), so there is no per-vector parameter blending whatever the plane
-// length.
+// Walks [k, k + n) plane by plane without streaming stores (planes of at least kStep
+// elements), starting in channel c at position pos of its plane: each plane's parameters are
+// broadcast once and its last vector overlaps the one before, so there is no per-vector
+// parameter blending and no scalar remainder whatever the plane length. The whole planes
+// between the chunk's partial first and last ones take a loop without the run's length
+// tests: ~1/3 fewer instructions per 7x7 plane.
 template <typename Op>
 void walk_planes(const Op op, int64_t k, int64_t n, int64_t c, int64_t pos, int64_t inner,
                  int64_t C, const typename Op::acc_t* mean, const typename Op::acc_t* scale,
                  const typename Op::acc_t* shift) {
-  for (int64_t j = 0; j < n;) {
-    const int64_t len = std::min(inner - pos, n - j);
-    walk_run<false, false>(op, k + j, len, c, mean, scale, shift);
-    j += len;
-    pos = 0;
-    c = c + 1 == C ? 0 : c + 1;
+  using IO = typename Op::IO;
+  using V = typename IO::AccVec;
+  auto next = [C](int64_t ch) { return ch + 1 == C ? int64_t{0} : ch + 1; };
+  int64_t j = 0;
+  if (pos != 0) {  // the rest of the first plane
+    j = std::min(inner - pos, n);
+    walk_run<false, false>(op, k, j, c, mean, scale, shift);
+    c = next(c);
   }
+  V m[IO::kParts], s[IO::kParts], b[IO::kParts];
+  for (; j + inner <= n; j += inner) {
+    for (int part = 0; part < IO::kParts; ++part) {
+      m[part] = V(param<Op>(mean, c));
+      s[part] = V(scale[c]);
+      b[part] = V(param<Op>(shift, c));
+    }
+    int64_t i = 0;
+    for (; i + IO::kStep < inner; i += IO::kStep) op.template step<false>(k + j + i, m, s, b);
+    op.template step<false>(k + j + inner - IO::kStep, m, s, b);
+    c = next(c);
+  }
+  if (j < n) walk_run<false, false>(op, k + j, n - j, c, mean, scale, shift);  // the last plane's start
 }
 
 // Walks [k, k + n) over whole channels-last rows of C channels (C a multiple of the vector
 // step), starting at channel c: one loop over the range, the parameters loaded as vectors at
 // the running channel, so short rows pay no per-row setup. Returns how far it got (the
 // caller walks the rest run by run: only when streaming stores find outputs misaligned).
+// (Loading each channel block's parameters once for several rows, walked block by block,
+// measured 1.4-1.5x slower on cache-resident tensors of 6-16 MB: the interleaved rows
+// cost more than the parameter loads they save.)
 template <bool kStream, typename Op>
 int64_t walk_rows(const Op op, int64_t k, int64_t n, int64_t c, int64_t C,
                   const typename Op::acc_t* mean, const typename Op::acc_t* scale,
@@ -279,10 +399,9 @@ int64_t walk_rows(const Op op, int64_t k, int64_t n, int64_t c, int64_t C,
   using acc_t = typename Op::acc_t;
   using IO = typename Op::IO;
   using V = typename IO::AccVec;
-  constexpr int64_t kLanes = V::size();
   int64_t j = 0;
   auto scalar = [&] {
-    op.scalar(k + j, param(mean, c), scale[c], param(shift, c));
+    op.scalar(k + j, param<Op>(mean, c), scale[c], param<Op>(shift, c));
     ++j;
     c = c + 1 == C ? 0 : c + 1;
   };
@@ -291,12 +410,7 @@ int64_t walk_rows(const Op op, int64_t k, int64_t n, int64_t c, int64_t C,
   V m[IO::kParts], s[IO::kParts], b[IO::kParts];
   for (int part = 0; part < IO::kParts; ++part) m[part] = b[part] = V(acc_t(0));
   for (; j + IO::kStep <= n; j += IO::kStep) {
-    for (int part = 0; part < IO::kParts; ++part) {
-      const int64_t ch = c + part * kLanes;
-      s[part] = V::loadu(scale + ch);
-      if (mean != nullptr) m[part] = V::loadu(mean + ch);
-      if (shift != nullptr) b[part] = V::loadu(shift + ch);
-    }
+    load_params<Op>(c, mean, scale, shift, m, s, b);
     op.template step<kStream>(k + j, m, s, b);
     c += IO::kStep;
     if (c == C) c = 0;

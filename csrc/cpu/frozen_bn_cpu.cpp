@@ -43,8 +43,7 @@ void run_affine(const at::Tensor& out, const at::Tensor& in, const at::Tensor& m
                 const at::Tensor& scale, const at::Tensor& shift) {
   if (in.numel() == 0) return;
   if (is_dense_like(in, out)) {
-    run_best<const DenseProblem&>(affine_dense_avx2, affine_dense_default,
-                                  dense_problem(in, out, scale, mean, shift));
+    kernels().affine_dense(dense_problem(in, out, scale, mean, shift));
     return;
   }
   const bool with_shift = mean.defined();
@@ -57,7 +56,7 @@ void run_affine(const at::Tensor& out, const at::Tensor& in, const at::Tensor& m
     if (v.defined()) config.add_const_input(v);
   }
   auto iter = config.build();
-  run_best<at::TensorIteratorBase&, bool>(affine_iter_avx2, affine_iter_default, iter, with_shift);
+  kernels().affine_iter(iter, with_shift);
 }
 
 // scale = weight / sqrt(var + eps) per channel, in the compute dtype.
@@ -141,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_cpu(
     p.act = static_cast<Activation>(activation);
     p.residual = has_residual ? res.const_data_ptr() : nullptr;
     p.extra = keep ? preact.mutable_data_ptr() : nullptr;
-    run_best<const DenseProblem&>(act_forward_dense_avx2, act_forward_dense_default, p);
+    kernels().act_forward(p);
   }
   return {out, scale, preact};
 }
@@ -170,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_cpu(
     p.act = static_cast<Activation>(activation);
     p.saved = sv.const_data_ptr();
     p.extra = residual_grad ? grad_residual.mutable_data_ptr() : nullptr;
-    run_best<const DenseProblem&>(act_backward_dense_avx2, act_backward_dense_default, p);
+    kernels().act_backward(p);
   }
   return {grad_input, grad_residual};
 }

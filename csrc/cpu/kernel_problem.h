@@ -1,5 +1,5 @@
-// What the CPU fronts (frozen_bn_cpu.cpp, frozen_bn_act_cpu.cpp) hand to the loops that are
-// compiled once per CPU capability (*_default.cpp, *_avx2.cpp).
+// What the CPU front (frozen_bn_cpu.cpp) hands to the loops that are compiled once per CPU
+// capability (*_kernel.cpp, chosen at run time: dispatch.h).
 #pragma once
 
 #include "../frozen_bn.h"
@@ -35,25 +35,5 @@ struct DenseProblem {
   void* extra = nullptr;           // forward: the pre-activation to save (SiLU);
                                    // backward: the gradient of the residual
 };
-
-// out = (in - mean) * scale + shift, or out = in * scale (mean == shift == null).
-void affine_dense_default(const DenseProblem& p);
-bool affine_dense_avx2(const DenseProblem& p);  // false if this build has no AVX2 code
-
-// The same on any layout, through a TensorIterator over (out, in, mean, scale, shift) or
-// (out, in, scale), the parameters broadcast from shape [1, C, 1, ...].
-void affine_iter_default(at::TensorIteratorBase& iter, bool with_shift);
-bool affine_iter_avx2(at::TensorIteratorBase& iter, bool with_shift);
-
-// Fused epilogue forward: out = act(round(z) [+ residual]), z = (in - mean) * scale + shift,
-// every intermediate rounded to the data dtype as the unfused ops would; `extra`, if set,
-// receives the pre-activation.
-void act_forward_dense_default(const DenseProblem& p);
-bool act_forward_dense_avx2(const DenseProblem& p);
-
-// Fused epilogue backward: ga = grad_output * act'(saved), rounded to the data dtype;
-// out = ga * scale, and `extra`, if set, receives ga (the residual's gradient).
-void act_backward_dense_default(const DenseProblem& p);
-bool act_backward_dense_avx2(const DenseProblem& p);
 
 }  // namespace frozennorm::cpu
