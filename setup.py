@@ -263,96 +263,76 @@ def glibc_compat_flags():
     return ["-isystem", compat, "-include", os.path.join(compat, "glibc_compat.h")]
 
 
-def configure():
-    """Decides what to build; returns (ext_modules, cmdclass, install_requires)."""
-    check_setuptools()
-    torch = import_torch()
-    cuda_home, cuda_why = plan_cuda(torch)
-    with_cuda = cuda_home is not None
-    if with_cuda:
-        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+def import_cpp_extension(cuda_home):
+    """torch.utils.cpp_extension, pointed at the CUDA toolkit to build with (if any): it reads
+    CUDA_HOME when it is imported."""
+    if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home
     from torch.utils import cpp_extension
 
-    if with_cuda:
+    if cuda_home is not None:
         cpp_extension.CUDA_HOME = cuda_home
+    return cpp_extension
 
-    debug = env_flag("DEBUG")
-    sources = [os.path.relpath(p, ROOT) for p in
-               sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
-               + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    extra = {"cxx": opt + ["-Wall", "-Wno-unknown-pragmas"]}  # torch headers: #pragma unroll
+
+def cxx_flags(debug, openmp):
+    """The C++ compiler and linker flags of every source."""
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + ["-Wall", "-Wno-unknown-pragmas"]
+    link = []
     if not debug and sys.platform != "win32":
         # Python's CFLAGS carry -g: debug info makes the library ten times larger and the
         # build a quarter slower (DEBUG=1 keeps it)
-        extra["cxx"].append("-g0")
+        cxx.append("-g0")
     if sys.platform != "win32":
         # nothing reads errno: lets the per-channel sqrt of the scale vectorize
-        extra["cxx"].append("-fno-math-errno")
-    extra["cxx"] += glibc_compat_flags()
-    link_args = []
-    # at::parallel_for is inline code that follows torch's parallel backend: with OpenMP
-    # (torch's Linux builds) it is a `#pragma omp parallel`, which a compiler without
-    # -fopenmp ignores, and every CPU kernel would run on one thread. The library then uses
-    # the OpenMP runtime torch has already loaded (libgomp.so.1, the same soname).
-    parallel = parallel_backend(torch)
-    openmp = parallel == "OpenMP" and sys.platform != "darwin"  # Apple clang has no -fopenmp
+        cxx.append("-fno-math-errno")
+    cxx += glibc_compat_flags()
     if openmp:
-        extra["cxx"].append("/openmp" if sys.platform == "win32" else "-fopenmp")
-        link_args += [] if sys.platform == "win32" else ["-fopenmp"]
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    info = {
-        "version": full_version(),
-        "torch_version": torch.__version__,
-        "torch_cuda_version": torch.version.cuda,
-        "with_cuda": with_cuda,
-        "cuda_reason": cuda_why,
-        "cuda_home": cuda_home,
-        "nvcc_version": None,
-        "cuda_arch_list": None,
-        "python": sys.version.split()[0],
-        "parallel_backend": parallel,
-    }
-    if with_cuda:
-        nvcc_release = nvcc_version(cuda_home)
-        if torch.version.cuda.split(".")[0] != nvcc_release.split(".")[0]:
-            log(f"warning: nvcc {nvcc_release} differs in major version from torch's CUDA "
-                f"{torch.version.cuda}; torch may refuse to build")
-        sources += [os.path.relpath(p, ROOT) for p in
-                    sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
-        include_dirs += extra_cuda_includes(cuda_home)
-        extra["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr"] + glibc_compat_flags()
-        info.update(nvcc_version=nvcc_release, cuda_arch_list=cuda_arch_list(torch, nvcc_release))
-        ext_cls = cpp_extension.CUDAExtension
-    else:
-        ext_cls = cpp_extension.CppExtension
+        cxx.append("/openmp" if sys.platform == "win32" else "-fopenmp")
+        link += [] if sys.platform == "win32" else ["-fopenmp"]
+    return cxx, link
 
-    log(f"torch {torch.__version__} (CUDA {torch.version.cuda}) at "
-        f"{os.path.dirname(torch.__file__)}, python {info['python']}")
-    if with_cuda:
-        log(f"CUDA kernels: ON  ({cuda_why}; toolkit {cuda_home}, nvcc {info['nvcc_version']}, "
-            f"archs {info['cuda_arch_list']})")
-        if include_dirs[1:]:
-            log(f"CUDA library headers from: {', '.join(include_dirs[1:])}")
-    else:
-        log(f"CUDA kernels: OFF ({cuda_why})")
-    log(f"CPU kernels: torch's parallel backend {parallel}"
-        + (" (compiled with OpenMP)" if openmp else
-           " (not compiled with OpenMP: the CPU kernels run on one thread)"
-           if parallel == "OpenMP" else ""))
-    log(f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, debug={bool(debug)}")
 
-    ext = ext_cls(
-        name="frozennorm._C",
-        sources=sources,
-        include_dirs=include_dirs,
-        extra_compile_args=extra,
-        extra_link_args=link_args,
-    )
+def uses_openmp(parallel):
+    """at::parallel_for is inline code that follows torch's parallel backend: with OpenMP
+    (torch's Linux builds) it is a `#pragma omp parallel`, which a compiler without -fopenmp
+    ignores, and every CPU kernel would run on one thread. The library then uses the OpenMP
+    runtime torch has already loaded (libgomp.so.1, the same soname)."""
+    return parallel == "OpenMP" and sys.platform != "darwin"  # Apple clang has no -fopenmp
+
+
+def sources_in(folder, pattern):
+    return [os.path.relpath(p, ROOT)
+            for p in sorted(glob.glob(os.path.join(ROOT, "csrc", folder, pattern)))]
+
+
+def cpu_capability_builds():
+    """The builds of csrc/cpu/*_kernel.cpp besides the baseline, as (name, compiler flags): on
+    x86-64 with GCC or Clang, ATen's AVX2 and AVX512 (the same instruction sets) and AVX512
+    with AVX512-BF16; none elsewhere (aarch64 runs the baseline build: NEON)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
+        return []
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    # GCC 12 warns about its own AVX-512 intrinsics (bug 105593); the baseline and AVX2
+    # builds of the same sources keep those warnings for frozennorm's code.
+    avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                     "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
+    return [("AVX2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] + avx2),
+            ("AVX512", ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"] + avx512),
+            ("AVX512_BF16", ["-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512"]
+             + avx512 + ["-mavx512bf16"])]
+
+
+def build_ext_class(cpp_extension, info):
+    """The build_ext command: compiles the CPU capability builds too, records ``info`` beside
+    the library, and keeps its objects in build/ (also for editable installs)."""
 
     class BuildExt(cpp_extension.BuildExtension):
-        """Builds the extension and records what it was built for beside it."""
+        def finalize_options(self):
+            super().finalize_options()
+            # setuptools gives editable installs a temporary folder: with build/, reinstalling
+            # compiles only what changed
+            self.build_temp = os.path.join(ROOT, "build", f"temp-{sys.implementation.cache_tag}")
 
         def build_extension(self, ext):
             self._compile_capability_sources(ext)
@@ -376,7 +356,7 @@ def configure():
             compile among the sources is the baseline build; csrc/cpu/dispatch.h chooses
             among the builds at run time, so any subset links and loads)."""
             kernels = [s for s in ext.sources if s.endswith("_kernel.cpp")]
-            builds = self._cpu_capability_builds() if kernels else []
+            builds = cpu_capability_builds() if kernels else []
             log("CPU loops built for: " + ", ".join(["DEFAULT"] + [name for name, _ in builds]))
             cflags = ext.extra_compile_args
             cflags = list(cflags["cxx"] if isinstance(cflags, dict) else cflags)
@@ -386,38 +366,74 @@ def configure():
                     include_dirs=ext.include_dirs, extra_postargs=cflags + flags)
                 ext.extra_objects = list(ext.extra_objects or []) + objects
 
-        @staticmethod
-        def _cpu_capability_builds():
-            """The builds besides the baseline, as (name, compiler flags): on x86-64 with GCC
-            or Clang, ATen's AVX2 and AVX512 (the same instruction sets) and AVX512 with
-            AVX512-BF16; none elsewhere (aarch64 runs the baseline build: NEON)."""
-            if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
-                return []
-            avx2 = ["-mavx2", "-mfma", "-mf16c"]
-            # GCC 12 warns about its own AVX-512 intrinsics (bug 105593); the baseline and
-            # AVX2 builds of the same sources keep those warnings for frozennorm's code.
-            avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                             "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
-            return [("AVX2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] + avx2),
-                    ("AVX512", ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"] + avx512),
-                    ("AVX512_BF16", ["-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512"]
-                     + avx512 + ["-mavx512bf16"])]
+    return BuildExt
 
-    class KeepObjects(BuildExt):
-        """Compiles into build/ also for editable installs (setuptools gives those a
-        temporary folder), so that reinstalling compiles only what changed."""
 
-        def finalize_options(self):
-            super().finalize_options()
-            self.build_temp = os.path.join(ROOT, "build", f"temp-{sys.implementation.cache_tag}")
+def torch_requirement():
+    """What the package requires of torch: the supported range, or (FROZENNORM_PIN_TORCH=1,
+    release wheels) exactly the torch it was built against."""
+    if not env_flag("FROZENNORM_PIN_TORCH"):
+        return TORCH_REQUIREMENT
+    from importlib.metadata import version
 
-    requires = TORCH_REQUIREMENT
-    if env_flag("FROZENNORM_PIN_TORCH"):
-        from importlib.metadata import version
+    requires = f"torch=={version('torch')}"
+    log(f"release build: requires {requires}")
+    return requires
 
-        requires = f"torch=={version('torch')}"
-        log(f"release build: requires {requires}")
-    return [ext], {"build_ext": KeepObjects}, [requires]
+
+def configure():
+    """Decides what to build; returns (ext_modules, cmdclass, install_requires)."""
+    check_setuptools()
+    torch = import_torch()
+    cuda_home, cuda_why = plan_cuda(torch)
+    cpp_extension = import_cpp_extension(cuda_home)
+    debug = env_flag("DEBUG")
+    parallel = parallel_backend(torch)
+    openmp = uses_openmp(parallel)
+    cxx, link_args = cxx_flags(debug, openmp)
+    sources = sources_in("", "*.cpp") + sources_in("cpu", "*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    info = {
+        "version": full_version(),
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "with_cuda": cuda_home is not None,
+        "cuda_reason": cuda_why,
+        "cuda_home": cuda_home,
+        "nvcc_version": None,
+        "cuda_arch_list": None,
+        "python": sys.version.split()[0],
+        "parallel_backend": parallel,
+    }
+    log(f"torch {torch.__version__} (CUDA {torch.version.cuda}) at "
+        f"{os.path.dirname(torch.__file__)}, python {info['python']}")
+    extra = {"cxx": cxx}
+    if cuda_home is not None:
+        nvcc_release = nvcc_version(cuda_home)
+        if torch.version.cuda.split(".")[0] != nvcc_release.split(".")[0]:
+            log(f"warning: nvcc {nvcc_release} differs in major version from torch's CUDA "
+                f"{torch.version.cuda}; torch may refuse to build")
+        sources += sources_in("cuda", "*.cu")
+        include_dirs += extra_cuda_includes(cuda_home)
+        extra["nvcc"] = (["-O0", "-g"] if debug else ["-O3"]) + [
+            "-lineinfo", "--expt-relaxed-constexpr"] + glibc_compat_flags()
+        info.update(nvcc_version=nvcc_release, cuda_arch_list=cuda_arch_list(torch, nvcc_release))
+        log(f"CUDA kernels: ON  ({cuda_why}; toolkit {cuda_home}, nvcc {nvcc_release}, "
+            f"archs {info['cuda_arch_list']})")
+        if include_dirs[1:]:
+            log(f"CUDA library headers from: {', '.join(include_dirs[1:])}")
+    else:
+        log(f"CUDA kernels: OFF ({cuda_why})")
+    log(f"CPU kernels: torch's parallel backend {parallel}"
+        + (" (compiled with OpenMP)" if openmp else
+           " (not compiled with OpenMP: the CPU kernels run on one thread)"
+           if parallel == "OpenMP" else ""))
+    log(f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, debug={bool(debug)}")
+
+    ext_cls = cpp_extension.CUDAExtension if cuda_home is not None else cpp_extension.CppExtension
+    ext = ext_cls(name="frozennorm._C", sources=sources, include_dirs=include_dirs,
+                  extra_compile_args=extra, extra_link_args=link_args)
+    return [ext], {"build_ext": build_ext_class(cpp_extension, info)}, [torch_requirement()]
 
 
 ext_modules, cmdclass, install_requires = configure()

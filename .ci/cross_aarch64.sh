@@ -47,19 +47,24 @@ for lib in "$torch_lib"/lib*.so; do
     "$CROSS-gcc" -shared -o "$stubs/$(basename "$lib")" -x c /dev/null
 done
 
+# Each build runs in a copy of the sources (what git tracks or would add): setup.py keeps its
+# objects in <sources>/build/, and aarch64 objects must not land in the checkout's.
 status=0
 for mode in release debug; do
     out=$WORK/$mode
-    mkdir -p "$out"
+    mkdir -p "$out/src"
+    git ls-files -z --cached --others --exclude-standard | tar -cf - --null -T - | tar -xf - -C "$out/src"
     echo "== aarch64 $mode build"
     # setup.py decides by platform.machine(); the build runs the cross compiler.
     if ! CC=$CROSS-gcc CXX=$CROSS-g++ LDFLAGS="-L$stubs" \
             USE_CUDA=0 DEBUG=$([ "$mode" = debug ] && echo 1 || echo 0) MAX_JOBS=${MAX_JOBS:-2} \
             "$PYTHON" - "$out" >"$out/build.log" 2>&1 <<'EOF'
-import platform, runpy, sys
+import os, platform, runpy, sys
 out = sys.argv[1]
+os.chdir(out + "/src")
+sys.path.insert(0, out + "/src")
 platform.machine = lambda: "aarch64"
-sys.argv = ["setup.py", "build_ext", "--build-temp", out + "/temp", "--build-lib", out + "/lib"]
+sys.argv = ["setup.py", "build_ext", "--build-lib", out + "/lib"]
 runpy.run_path("setup.py", run_name="__main__")
 EOF
     then
