@@ -1,9 +1,12 @@
-// Shared declarations of the frozennorm ops: argument checks and dtype rules used by
-// every backend (CPU, CUDA, and the CUDA emulation used in tests).
+// Shared declarations of the frozennorm ops' host side: argument checks and layout helpers
+// used by every backend (CPU, CUDA, and the CUDA emulation used in tests); the rules
+// themselves (compute dtype, activations) are in rules.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+
+#include "rules.h"
 
 #include <optional>
 
@@ -27,9 +30,6 @@ Stats check_forward_args(
     const at::Tensor& running_mean,
     const at::Tensor& running_var);
 
-// The activation of the fused ops frozen_bn_act / frozen_bn_act_backward.
-enum class Activation : int64_t { kIdentity = 0, kReLU = 1, kReLU6 = 2, kSiLU = 3 };
-
 // Checks what frozen_bn_act adds to frozen_bn's arguments: the residual (same shape, dtype
 // and device as the input) and the activation code.
 void check_act_args(const at::Tensor& input, const std::optional<at::Tensor>& residual,
@@ -41,15 +41,6 @@ void check_act_backward_args(const at::Tensor& grad_output, const at::Tensor& sa
 
 // Checks the arguments of frozen_bn_backward.
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale);
-
-// The dtype of the per-channel parameters and of the arithmetic: float64 for float64 data,
-// and for float32 data with float64 statistics (so that a float64 mean is not rounded to
-// float32 where |mean| >> std); float32 otherwise. For float16/bfloat16 data float32 is
-// exact enough: the single rounding to the data's dtype dominates.
-inline at::ScalarType compute_dtype(at::ScalarType data, at::ScalarType stats) {
-  if (data == at::kDouble || (data == at::kFloat && stats == at::kDouble)) return at::kDouble;
-  return at::kFloat;
-}
 
 // Is t dense (non-overlapping, no gaps) with exactly like's strides?
 bool is_dense_like(const at::Tensor& t, const at::Tensor& like);

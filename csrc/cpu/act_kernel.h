@@ -11,71 +11,37 @@
 namespace frozennorm::cpu {
 namespace CPU_CAPABILITY {
 
-template <Activation kAct>
-struct Act {
+// rules.h's M for this build's loops: at::vec vectors (the clamps as max/min instructions: a
+// compare and blend in their place made the bfloat16 ReLU/ReLU6 forward 1.4-1.8x slower), and
+// float/double for the scalar tails, as ScalarMath. (All of it always inlined: no function
+// compiled with this build's instructions is shared with another build.)
+struct Math : ScalarMath {
+  using ScalarMath::clamp;
+  using ScalarMath::clamp_min;
+  using ScalarMath::select;
   template <typename T>
-  static T fwd(const T& a) {  // T: a scalar or a Vectorized of the compute dtype
-    using std::exp;
-    if constexpr (kAct == Activation::kReLU) {
-      if constexpr (std::is_arithmetic_v<T>) {
-        return a < T(0) ? T(0) : a;  // NaN passes, as torch.relu
-      } else {
-        return at::vec::clamp_min(a, T(0));
-      }
-    } else if constexpr (kAct == Activation::kReLU6) {
-      if constexpr (std::is_arithmetic_v<T>) {
-        return a < T(0) ? T(0) : (a > T(6) ? T(6) : a);
-      } else {
-        return at::vec::clamp(a, T(0), T(6));
-      }
-    } else if constexpr (kAct == Activation::kSiLU) {
-      if constexpr (std::is_arithmetic_v<T>) {
-        return a / (T(1) + exp(-a));
-      } else {
-        return a / (T(1) + a.neg().exp());
-      }
-    } else {
-      return a;
-    }
+  static FROZENNORM_ALWAYS_INLINE Vectorized<T> clamp_min(const Vectorized<T>& a,
+                                                         const Vectorized<T>& lo) {
+    return at::vec::clamp_min(a, lo);  // max(lo, a): NaN passes
   }
-
-  // The activation's gradient at the saved value: the output for ReLU/ReLU6 (zero where
-  // torch's threshold/hardtanh backward gives zero, NaN passing as there), the
-  // pre-activation for SiLU.
   template <typename T>
-  static T bwd(const T& g, const T& saved) {
-    if constexpr (kAct == Activation::kReLU) {
-      if constexpr (std::is_arithmetic_v<T>) {
-        return saved <= T(0) ? T(0) : g;
-      } else {
-        return T::blendv(g, T(0), saved <= T(0));
-      }
-    } else if constexpr (kAct == Activation::kReLU6) {
-      if constexpr (std::is_arithmetic_v<T>) {
-        return (saved <= T(0) || saved >= T(6)) ? T(0) : g;
-      } else {
-        return T::blendv(g, T(0), (saved <= T(0)) | (saved >= T(6)));
-      }
-    } else if constexpr (kAct == Activation::kSiLU) {
-      using std::exp;
-      if constexpr (std::is_arithmetic_v<T>) {
-        const T sig = T(1) / (T(1) + exp(-saved));
-        return g * sig * (T(1) + saved * (T(1) - sig));
-      } else {
-        const T one(1);
-        const T sig = one / (one + saved.neg().exp());
-        return g * sig * (one + saved * (one - sig));
-      }
-    } else {
-      return g;
-    }
+  static FROZENNORM_ALWAYS_INLINE Vectorized<T> clamp(const Vectorized<T>& a,
+                                                     const Vectorized<T>& lo,
+                                                     const Vectorized<T>& hi) {
+    return at::vec::clamp(a, lo, hi);
   }
+  template <typename T>
+  static FROZENNORM_ALWAYS_INLINE Vectorized<T> select(const Vectorized<T>& mask,
+                                                      const Vectorized<T>& a,
+                                                      const Vectorized<T>& b) {
+    return Vectorized<T>::blendv(b, a, mask);
+  }
+  template <typename T>
+  static FROZENNORM_ALWAYS_INLINE Vectorized<T> exp_neg(const Vectorized<T>& x) {
+    return x.neg().exp();
+  }
+  using ScalarMath::exp_neg;
 };
-
-// act(round(v)) == round(act(v)), and act'(saved) * grad is exact (grad or 0): true of all but
-// SiLU (rounding is monotonic, and ReLU6's bounds 0 and 6 are exact in every dtype).
-template <Activation kAct>
-constexpr bool kRoundingCommutes = kAct != Activation::kSiLU;
 
 // out = act(round(round((in - mean) * scale + shift) + residual)); extra = the pre-activation.
 // residual and extra may be null (predictable branches: one loop for every case).
@@ -99,7 +65,7 @@ struct ActForwardOp {
     acc_t a = round_to<scalar_t>(fma_scalar(static_cast<acc_t>(in[k]) - m, s, b));
     if (residual != nullptr) a = round_to<scalar_t>(a + static_cast<acc_t>(residual[k]));
     if (extra != nullptr) extra[k] = static_cast<scalar_t>(a);
-    out[k] = static_cast<scalar_t>(Act<kAct>::fwd(a));
+    out[k] = static_cast<scalar_t>(act_forward<kAct, Math>(a));
   }
 
   template <bool kStream>
@@ -118,7 +84,7 @@ struct ActForwardOp {
       // whose one rounding is the store's.
       if constexpr (!kRoundingCommutes<kAct>) IO::round(v);
       if (extra != nullptr) IO::template store<kStream>(extra + k, v);
-      for (int part = 0; part < IO::kParts; ++part) v[part] = Act<kAct>::fwd(v[part]);
+      for (int part = 0; part < IO::kParts; ++part) v[part] = act_forward<kAct, Math>(v[part]);
       IO::template store<kStream>(out + k, v);
     }
   }
@@ -144,7 +110,7 @@ struct ActBackwardOp {
 
   void scalar(int64_t k, acc_t, acc_t s, acc_t) const {
     const acc_t ga = round_to<scalar_t>(
-        Act<kAct>::bwd(static_cast<acc_t>(grad[k]), static_cast<acc_t>(saved[k])));
+        act_backward<kAct, Math>(static_cast<acc_t>(grad[k]), static_cast<acc_t>(saved[k])));
     if (extra != nullptr) extra[k] = static_cast<scalar_t>(ga);
     out[k] = static_cast<scalar_t>(ga * s);
   }
@@ -155,7 +121,7 @@ struct ActBackwardOp {
       V g[IO::kParts], sv[IO::kParts];
       IO::load(grad + k, g);
       IO::load(saved + k, sv);
-      for (int part = 0; part < IO::kParts; ++part) g[part] = Act<kAct>::bwd(g[part], sv[part]);
+      for (int part = 0; part < IO::kParts; ++part) g[part] = act_backward<kAct, Math>(g[part], sv[part]);
       // (but for SiLU the gradient is grad_output or zero: already a value of the dtype)
       if constexpr (!kRoundingCommutes<kAct>) IO::round(g);
       if (extra != nullptr) IO::template store<kStream>(extra + k, g);
@@ -164,23 +130,6 @@ struct ActBackwardOp {
     }
   }
 };
-
-// Calls f(std::integral_constant<Activation, A>{}) for relu, relu6, silu (and identity when
-// allowed: the forward's residual add without activation).
-template <typename F>
-void dispatch_act(Activation act, bool identity_ok, const F& f) {
-  switch (act) {
-    case Activation::kReLU:
-      return f(std::integral_constant<Activation, Activation::kReLU>{});
-    case Activation::kReLU6:
-      return f(std::integral_constant<Activation, Activation::kReLU6>{});
-    case Activation::kSiLU:
-      return f(std::integral_constant<Activation, Activation::kSiLU>{});
-    default:
-      TORCH_INTERNAL_ASSERT(identity_ok, "the identity backward is frozen_bn_backward's");
-      return f(std::integral_constant<Activation, Activation::kIdentity>{});
-  }
-}
 
 inline void act_forward_dense_impl(const DenseProblem& p) {
   dispatch_types(p.data_type, p.acc_type, [&](auto data_tag, auto acc_tag) {

@@ -43,14 +43,7 @@
 // For what runs per vector or per run (an Op's step, the conversions, walk_run): GCC left the
 // fused epilogues' step out of line in some walkers (a call per vector, its vectors passed in
 // memory: 3-5x slower on channels-last rows), and a call per short plane costs ~25 % on 7x7
-// maps.
-#ifndef FROZENNORM_ALWAYS_INLINE
-#if defined(_MSC_VER)
-#define FROZENNORM_ALWAYS_INLINE __forceinline
-#else
-#define FROZENNORM_ALWAYS_INLINE inline __attribute__((always_inline))
-#endif
-#endif
+// maps: FROZENNORM_ALWAYS_INLINE (rules.h).
 
 namespace frozennorm::cpu {
 namespace CPU_CAPABILITY {
@@ -480,21 +473,6 @@ void walk_dense(const DenseProblem& p, const Op& op) {
 template <typename T>
 inline bool aligned_at(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0;
-}
-
-// Calls f(scalar_t{}, acc_t{}) for the data dtype and the compute dtype compute_dtype()
-// chose for it (float64 only for float64 data, or float32 data with float64 statistics).
-template <typename F>
-void dispatch_types(at::ScalarType data, at::ScalarType acc, const F& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, data, "frozen_bn_cpu", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      f(double{}, double{});
-    } else if constexpr (std::is_same_v<scalar_t, float>) {
-      acc == at::kDouble ? f(float{}, double{}) : f(float{}, float{});
-    } else {
-      f(scalar_t{}, float{});
-    }
-  });
 }
 
 }  // namespace CPU_CAPABILITY

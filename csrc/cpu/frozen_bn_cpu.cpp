@@ -1,6 +1,7 @@
 // CPU implementation of the frozennorm ops: frozen_bn, frozen_bn_backward, and the fused
-// epilogues frozen_bn_act, frozen_bn_act_backward.
-#include "../frozen_bn.h"
+// epilogues frozen_bn_act, frozen_bn_act_backward: the loops (dispatch.h) behind the fronts
+// every device shares (op_fronts.h).
+#include "../op_fronts.h"
 #include "dispatch.h"
 #include "kernel_problem.h"
 
@@ -83,95 +84,78 @@ at::Tensor channel_scale(const Stats& s, double eps, at::ScalarType acc) {
   return scale;
 }
 
+// The CPU loops behind op_fronts.h's fronts.
+struct Loops {
+  at::Tensor forward(const Forward& f) {
+    at::Tensor scale = channel_scale(f.stats, f.eps, f.acc);
+    const at::Tensor shift = shift_of(f.stats, scale, f.acc);
+    run_affine(f.out, f.input, as_compute(f.stats.mean, f.acc), scale, shift);
+    return scale;
+  }
+
+  void backward(const Backward& b) {
+    run_affine(b.grad_input, b.grad, at::Tensor(), b.scale, at::Tensor());
+  }
+
+  at::Tensor act_forward(const Forward& f) {
+    at::Tensor scale = channel_scale(f.stats, f.eps, f.acc);
+    if (f.input.numel() == 0) return scale;
+    // (named: the problem keeps their data pointers)
+    const at::Tensor mean = as_compute(f.stats.mean, f.acc);
+    const at::Tensor shift = shift_of(f.stats, scale, f.acc);
+    DenseProblem p = dense_problem(f.input, f.out, scale, mean, shift);
+    p.act = f.act;
+    p.residual = f.residual.defined() ? f.residual.const_data_ptr() : nullptr;
+    p.extra = f.preact.defined() ? f.preact.mutable_data_ptr() : nullptr;
+    kernels().act_forward(p);
+    return scale;
+  }
+
+  void act_backward(const Backward& b) {
+    if (b.grad.numel() == 0) return;
+    DenseProblem p = dense_problem(b.grad, b.grad_input, b.scale, at::Tensor(), at::Tensor());
+    p.act = b.act;
+    p.saved = b.saved.const_data_ptr();
+    p.extra = b.grad_residual.defined() ? b.grad_residual.mutable_data_ptr() : nullptr;
+    kernels().act_backward(p);
+  }
+
+ private:
+  // The bias in the compute dtype, zeros where there is none.
+  static at::Tensor shift_of(const Stats& s, const at::Tensor& scale, at::ScalarType acc) {
+    return s.bias.defined() ? as_compute(s.bias, acc) : at::zeros_like(scale);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> frozen_bn_cpu(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    double eps) {
-  const Stats s = check_forward_args(input, weight, bias, running_mean, running_var);
-  const at::ScalarType acc = compute_dtype(input.scalar_type(), s.mean.scalar_type());
-  at::Tensor scale = channel_scale(s, eps, acc);
-  at::Tensor out = at::empty_like(input);
-  const at::Tensor shift = s.bias.defined() ? as_compute(s.bias, acc) : at::zeros_like(scale);
-  run_affine(out, input, as_compute(s.mean, acc), scale, shift);
-  return {out, scale};
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double eps) {
+  Loops loops;
+  return frozen_bn_front(loops, input, weight, bias, running_mean, running_var, eps);
 }
 
 at::Tensor frozen_bn_backward_cpu(const at::Tensor& grad_output, const at::Tensor& scale) {
-  check_backward_args(grad_output, scale);
-  const at::ScalarType acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
-  at::Tensor grad_input = at::empty_like(grad_output);
-  run_affine(grad_input, grad_output, at::Tensor(), as_compute(scale, acc).contiguous(), at::Tensor());
-  return grad_input;
+  Loops loops;
+  return frozen_bn_backward_front(loops, grad_output, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_cpu(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    double eps,
-    int64_t activation,
-    bool save_preact) {
-  const Stats s = check_forward_args(input, weight, bias, running_mean, running_var);
-  check_act_args(input, residual, activation);
-  const bool has_residual = residual.has_value() && residual->defined();
-  if (activation == static_cast<int64_t>(Activation::kIdentity) && !has_residual) {
-    auto [out, scale] = frozen_bn_cpu(input, weight, bias, running_mean, running_var, eps);
-    return {out, scale, at::empty({0}, out.options())};
-  }
-  const at::ScalarType acc = compute_dtype(input.scalar_type(), s.mean.scalar_type());
-  at::Tensor scale = channel_scale(s, eps, acc);
-  // The fused loops need dense data, the residual in the same layout (normally free).
-  const at::Tensor x = dense(input);
-  at::Tensor out = at::empty_like(x);
-  const at::Tensor res = has_residual ? in_layout_of(*residual, x) : at::Tensor();
-  const bool keep = save_preact && activation == static_cast<int64_t>(Activation::kSiLU);
-  at::Tensor preact = keep ? at::empty_like(x) : at::empty({0}, x.options());
-  if (x.numel() > 0) {
-    // (named: the problem keeps their data pointers)
-    const at::Tensor mean = as_compute(s.mean, acc);
-    const at::Tensor shift = s.bias.defined() ? as_compute(s.bias, acc) : at::zeros_like(scale);
-    DenseProblem p = dense_problem(x, out, scale, mean, shift);
-    p.act = static_cast<Activation>(activation);
-    p.residual = has_residual ? res.const_data_ptr() : nullptr;
-    p.extra = keep ? preact.mutable_data_ptr() : nullptr;
-    kernels().act_forward(p);
-  }
-  return {out, scale, preact};
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+    int64_t activation, bool save_preact) {
+  Loops loops;
+  return frozen_bn_act_front(loops, input, residual, weight, bias, running_mean, running_var,
+                             eps, activation, save_preact);
 }
 
 std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_cpu(
-    const at::Tensor& grad_output,
-    const at::Tensor& saved,
-    const at::Tensor& scale,
-    int64_t activation,
-    bool residual_grad) {
-  check_act_backward_args(grad_output, saved, scale, activation);
-  if (activation == static_cast<int64_t>(Activation::kIdentity)) {
-    // the residual's gradient is grad_output itself
-    return {frozen_bn_backward_cpu(grad_output, scale),
-            residual_grad ? grad_output.clone() : at::empty({0}, grad_output.options())};
-  }
-  const at::ScalarType acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
-  // Everything in the layout of the saved tensor (the forward's output or pre-activation).
-  const at::Tensor sv = dense(saved);
-  const at::Tensor g = in_layout_of(grad_output, sv);
-  at::Tensor grad_input = at::empty_like(sv);
-  at::Tensor grad_residual = residual_grad ? at::empty_like(sv) : at::empty({0}, sv.options());
-  if (g.numel() > 0) {
-    const at::Tensor scale_acc = as_compute(scale, acc).contiguous();  // outlives p
-    DenseProblem p = dense_problem(g, grad_input, scale_acc, at::Tensor(), at::Tensor());
-    p.act = static_cast<Activation>(activation);
-    p.saved = sv.const_data_ptr();
-    p.extra = residual_grad ? grad_residual.mutable_data_ptr() : nullptr;
-    kernels().act_backward(p);
-  }
-  return {grad_input, grad_residual};
+    const at::Tensor& grad_output, const at::Tensor& saved, const at::Tensor& scale,
+    int64_t activation, bool residual_grad) {
+  Loops loops;
+  return frozen_bn_act_backward_front(loops, grad_output, saved, scale, activation,
+                                      residual_grad);
 }
 
 }  // namespace

@@ -2,57 +2,13 @@
 // for frozen_bn_act (frozen BN, optionally + residual, then an activation) and its backward.
 // Every intermediate is rounded to the data dtype exactly where the unfused sequence
 // frozen_bn -> add -> activation would store it, so the results are those of that sequence.
+// The activations' math is rules.h's.
 #pragma once
 
-#include "../frozen_bn.h"
+#include "../rules.h"
 #include "affine_kernels.cuh"
 
 namespace frozennorm::cuda {
-
-FN_HD FN_INLINE float exp_acc(float x) {
-#if defined(__CUDA_ARCH__)
-  return ::expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-FN_HD FN_INLINE double exp_acc(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-template <Activation kAct, typename T>
-FN_HD FN_INLINE T act_forward(T a) {
-  if constexpr (kAct == Activation::kReLU) {
-    return a < T(0) ? T(0) : a;  // NaN passes, as torch.relu
-  } else if constexpr (kAct == Activation::kReLU6) {
-    return a < T(0) ? T(0) : (a > T(6) ? T(6) : a);
-  } else if constexpr (kAct == Activation::kSiLU) {
-    return a / (T(1) + exp_acc(-a));
-  } else {
-    return a;
-  }
-}
-
-// The activation's gradient at the saved value: the output for ReLU/ReLU6 (zero where
-// torch's threshold/hardtanh backward gives zero; NaN passes as there), the pre-activation
-// for SiLU.
-template <Activation kAct, typename T>
-FN_HD FN_INLINE T act_backward(T g, T saved) {
-  if constexpr (kAct == Activation::kReLU) {
-    return saved <= T(0) ? T(0) : g;
-  } else if constexpr (kAct == Activation::kReLU6) {
-    return (saved <= T(0) || saved >= T(6)) ? T(0) : g;
-  } else if constexpr (kAct == Activation::kSiLU) {
-    const T sig = T(1) / (T(1) + exp_acc(-saved));
-    return g * sig * (T(1) + saved * (T(1) - sig));
-  } else {
-    return g;
-  }
-}
 
 // out = act(round(round((in - mean) * scale + shift) + residual)); extra = the pre-activation.
 // residual and extra may be null (uniform branches: one kernel for both cases).
@@ -81,7 +37,9 @@ struct ActForwardOp {
     if (extra != nullptr) store_pack<scalar_t, VEC>(extra + i, a);
     Pack<scalar_t, VEC> y;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) y.v[j] = static_cast<scalar_t>(act_forward<kAct>(static_cast<acc_t>(a.v[j])));
+    for (int j = 0; j < VEC; ++j) {
+      y.v[j] = static_cast<scalar_t>(act_forward<kAct, ScalarMath>(static_cast<acc_t>(a.v[j])));
+    }
     store_pack<scalar_t, VEC>(out + i, y);
   }
 };
@@ -103,7 +61,7 @@ struct ActBackwardOp {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       ga.v[j] = static_cast<scalar_t>(
-          act_backward<kAct>(static_cast<acc_t>(g.v[j]), static_cast<acc_t>(s.v[j])));
+          act_backward<kAct, ScalarMath>(static_cast<acc_t>(g.v[j]), static_cast<acc_t>(s.v[j])));
       gi.v[j] = static_cast<scalar_t>(static_cast<acc_t>(ga.v[j]) * p[j].scale);
     }
     store_pack<scalar_t, VEC>(out + i, gi);

@@ -60,13 +60,15 @@ std::tuple<at::Tensor, at::Tensor> frozen_bn_cuda(
     double eps) {
   const c10::cuda::CUDAGuard guard(input.device());
   CudaLauncher launcher(input.device());
-  return frozen_bn_forward(launcher, input, weight, bias, running_mean, running_var, eps);
+  Loops<CudaLauncher> loops{launcher};
+  return frozen_bn_front(loops, input, weight, bias, running_mean, running_var, eps);
 }
 
 at::Tensor frozen_bn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& scale) {
   const c10::cuda::CUDAGuard guard(grad_output.device());
   CudaLauncher launcher(grad_output.device());
-  return frozen_bn_backward(launcher, grad_output, scale);
+  Loops<CudaLauncher> loops{launcher};
+  return frozen_bn_backward_front(loops, grad_output, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_cuda(
@@ -81,8 +83,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_cuda(
     bool save_preact) {
   const c10::cuda::CUDAGuard guard(input.device());
   CudaLauncher launcher(input.device());
-  return frozen_bn_act_forward(launcher, input, residual, weight, bias, running_mean, running_var,
-                               eps, activation, save_preact);
+  Loops<CudaLauncher> loops{launcher};
+  return frozen_bn_act_front(loops, input, residual, weight, bias, running_mean, running_var,
+                             eps, activation, save_preact);
 }
 
 std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_cuda(
@@ -90,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_cuda(
     int64_t activation, bool residual_grad) {
   const c10::cuda::CUDAGuard guard(grad_output.device());
   CudaLauncher launcher(grad_output.device());
-  return frozen_bn_act_backward(launcher, grad_output, saved, scale, activation, residual_grad);
+  Loops<CudaLauncher> loops{launcher};
+  return frozen_bn_act_backward_front(loops, grad_output, saved, scale, activation, residual_grad);
 }
 
 }  // namespace

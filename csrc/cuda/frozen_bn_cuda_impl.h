@@ -1,13 +1,14 @@
-// Host side of the CUDA ops: argument checks, layout analysis, vector width, index width and
-// grid choice, dtype dispatch. Templated on a Launcher so that the same code drives real
-// kernel launches (frozen_bn_cuda.cu) and the CPU emulation of the grid used by the tests.
+// Host side of the CUDA ops below the fronts every device shares (op_fronts.h): layout
+// analysis, vector width, index width and grid choice, dtype dispatch. Templated on a
+// Launcher so that the same code drives real kernel launches (frozen_bn_cuda.cu) and the CPU
+// emulation of the grid used by the tests.
 //
 // A Launcher provides:
 //   int64_t max_blocks(int threads_per_block)   // blocks that fill the device once
 //   template <class K> void launch(Dim2 grid, Dim2 block, const K& kernel)
 #pragma once
 
-#include "../frozen_bn.h"
+#include "../op_fronts.h"
 #include "act_kernels.cuh"
 #include "affine_kernels.cuh"
 
@@ -174,22 +175,6 @@ void launch_affine(Launcher& L, const at::Tensor& in, const at::Tensor& out, con
                in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), src, scale_out, geo, numel, C});
 }
 
-// Calls f(acc_t{}) with the compute type compute_dtype() chose for scalar_t data.
-template <typename scalar_t, typename F>
-void dispatch_acc(at::ScalarType acc, F&& f) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    f(double{});
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
-    if (acc == at::kDouble) {
-      f(double{});
-    } else {
-      f(float{});
-    }
-  } else {
-    f(float{});
-  }
-}
-
 template <typename acc_t>
 StatsSource<acc_t> stats_source(const Stats& s, double eps) {
   return StatsSource<acc_t>{
@@ -201,151 +186,75 @@ StatsSource<acc_t> stats_source(const Stats& s, double eps) {
       static_cast<acc_t>(eps)};
 }
 
+// The CUDA loops behind op_fronts.h's fronts: kernel launches through L (real ones, or the
+// tests' emulation of the grid).
 template <typename Launcher>
-std::tuple<at::Tensor, at::Tensor> frozen_bn_forward(
-    Launcher& L,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    double eps) {
-  const Stats s = check_forward_args(input, weight, bias, running_mean, running_var);
-  const at::ScalarType acc = compute_dtype(input.scalar_type(), s.mean.scalar_type());
-  const int64_t C = input.size(1);
-  at::Tensor out = at::empty_like(input);
-  at::Tensor scale = at::empty({C}, input.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "frozen_bn_cuda", [&] {
-    dispatch_acc<scalar_t>(acc, [&](auto acc_tag) {
+struct Loops {
+  Launcher& L;
+
+  at::Tensor forward(const Forward& f) {
+    const int64_t C = f.input.size(1);
+    at::Tensor scale = at::empty({C}, f.input.options().dtype(f.acc));
+    dispatch_types(f.input.scalar_type(), f.acc, [&](auto data_tag, auto acc_tag) {
+      using scalar_t = decltype(data_tag);
       using acc_t = decltype(acc_tag);
-      launch_affine<scalar_t, acc_t, true>(L, input, out, stats_source<acc_t>(s, eps),
+      launch_affine<scalar_t, acc_t, true>(L, f.input, f.out, stats_source<acc_t>(f.stats, f.eps),
                                            scale.mutable_data_ptr<acc_t>(), C);
     });
-  });
-  return {out, scale};
-}
+    return scale;
+  }
 
-template <typename Launcher>
-at::Tensor frozen_bn_backward(Launcher& L, const at::Tensor& grad_output, const at::Tensor& scale) {
-  check_backward_args(grad_output, scale);
-  const at::ScalarType acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
-  const at::Tensor scale_acc = scale.to(acc).contiguous();
-  at::Tensor grad_input = at::empty_like(grad_output);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "frozen_bn_backward_cuda", [&] {
-    dispatch_acc<scalar_t>(acc, [&](auto acc_tag) {
+  void backward(const Backward& b) {
+    dispatch_types(b.grad.scalar_type(), b.acc, [&](auto data_tag, auto acc_tag) {
+      using scalar_t = decltype(data_tag);
       using acc_t = decltype(acc_tag);
-      const ScaleSource<acc_t> src{scale_acc.const_data_ptr<acc_t>()};
-      launch_affine<scalar_t, acc_t, false>(L, grad_output, grad_input, src, static_cast<acc_t*>(nullptr),
-                                            grad_output.size(1));
+      const ScaleSource<acc_t> src{b.scale.const_data_ptr<acc_t>()};
+      launch_affine<scalar_t, acc_t, false>(L, b.grad, b.grad_input, src,
+                                            static_cast<acc_t*>(nullptr), b.grad.size(1));
     });
-  });
-  return grad_input;
-}
-
-// Calls f(std::integral_constant<Activation, A>{}) for relu, relu6 and silu.
-template <typename F>
-void dispatch_nonlinear_act(int64_t activation, F&& f) {
-  switch (static_cast<Activation>(activation)) {
-    case Activation::kReLU:
-      return f(std::integral_constant<Activation, Activation::kReLU>{});
-    case Activation::kReLU6:
-      return f(std::integral_constant<Activation, Activation::kReLU6>{});
-    case Activation::kSiLU:
-      return f(std::integral_constant<Activation, Activation::kSiLU>{});
-    default:
-      TORCH_INTERNAL_ASSERT(false, "not a nonlinear activation: ", activation);
   }
-}
 
-template <typename Launcher>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_forward(
-    Launcher& L,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    double eps,
-    int64_t activation,
-    bool save_preact) {
-  const Stats s = check_forward_args(input, weight, bias, running_mean, running_var);
-  check_act_args(input, residual, activation);
-  const bool has_residual = residual.has_value() && residual->defined();
-  const bool identity = activation == static_cast<int64_t>(Activation::kIdentity);
-  if (identity && !has_residual) {
-    auto [out, scale] = frozen_bn_forward(L, input, weight, bias, running_mean, running_var, eps);
-    return {out, scale, at::empty({0}, out.options())};
-  }
-  const at::ScalarType acc = compute_dtype(input.scalar_type(), s.mean.scalar_type());
-  const int64_t C = input.size(1);
-  // The fused kernels need dense data, the residual in the same layout (normally free).
-  const at::Tensor x = dense(input);
-  const at::Tensor res = has_residual ? in_layout_of(*residual, x) : at::Tensor();
-  const bool keep = save_preact && activation == static_cast<int64_t>(Activation::kSiLU);
-  at::Tensor out = at::empty_like(x);
-  at::Tensor preact = keep ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor scale = at::empty({C}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "frozen_bn_act_cuda", [&] {
-    dispatch_acc<scalar_t>(acc, [&](auto acc_tag) {
+  at::Tensor act_forward(const Forward& f) {
+    const at::Tensor& x = f.input;
+    const int64_t C = x.size(1);
+    at::Tensor scale = at::empty({C}, x.options().dtype(f.acc));
+    dispatch_types(x.scalar_type(), f.acc, [&](auto data_tag, auto acc_tag) {
+      using scalar_t = decltype(data_tag);
       using acc_t = decltype(acc_tag);
-      const auto src = stats_source<acc_t>(s, eps);
+      const auto src = stats_source<acc_t>(f.stats, f.eps);
       acc_t* scale_out = scale.mutable_data_ptr<acc_t>();
       if (x.numel() == 0) return launch_scales_only(L, src, scale_out, C);
       const scalar_t* in = x.const_data_ptr<scalar_t>();
-      const scalar_t* r = has_residual ? res.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      scalar_t* e = keep ? preact.mutable_data_ptr<scalar_t>() : nullptr;
-      auto run = [&](auto act_tag) {
+      const scalar_t* r = f.residual.defined() ? f.residual.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* o = f.out.mutable_data_ptr<scalar_t>();
+      scalar_t* e = f.preact.defined() ? f.preact.mutable_data_ptr<scalar_t>() : nullptr;
+      dispatch_act(f.act, /*identity_ok=*/true, [&](auto act_tag) {
         using Op = ActForwardOp<scalar_t, acc_t, decltype(act_tag)::value>;
         launch_dense<scalar_t>(L, Op{in, r, o, e}, src, scale_out, x.numel(), C, channel_period(x),
                                {in, r, o, e});
-      };
-      if (identity) return run(std::integral_constant<Activation, Activation::kIdentity>{});
-      dispatch_nonlinear_act(activation, run);
+      });
     });
-  });
-  return {out, scale, preact};
-}
-
-template <typename Launcher>
-std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward(
-    Launcher& L,
-    const at::Tensor& grad_output,
-    const at::Tensor& saved,
-    const at::Tensor& scale,
-    int64_t activation,
-    bool residual_grad) {
-  check_act_backward_args(grad_output, saved, scale, activation);
-  if (activation == static_cast<int64_t>(Activation::kIdentity)) {
-    // the residual's gradient is grad_output itself
-    return {frozen_bn_backward(L, grad_output, scale),
-            residual_grad ? grad_output.clone() : at::empty({0}, grad_output.options())};
+    return scale;
   }
-  const at::ScalarType acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
-  // Everything in the layout of the saved tensor (the forward's output or pre-activation).
-  const at::Tensor sv = dense(saved);
-  const at::Tensor g = in_layout_of(grad_output, sv);
-  const at::Tensor scale_acc = scale.to(acc).contiguous();
-  at::Tensor grad_input = at::empty_like(sv);
-  at::Tensor grad_residual = residual_grad ? at::empty_like(sv) : at::empty({0}, sv.options());
-  if (g.numel() == 0) return {grad_input, grad_residual};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "frozen_bn_act_backward_cuda", [&] {
-    dispatch_acc<scalar_t>(acc, [&](auto acc_tag) {
+
+  void act_backward(const Backward& b) {
+    const at::Tensor& g = b.grad;
+    if (g.numel() == 0) return;
+    dispatch_types(g.scalar_type(), b.acc, [&](auto data_tag, auto acc_tag) {
+      using scalar_t = decltype(data_tag);
       using acc_t = decltype(acc_tag);
-      const ScaleSource<acc_t> src{scale_acc.const_data_ptr<acc_t>()};
+      const ScaleSource<acc_t> src{b.scale.const_data_ptr<acc_t>()};
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      const scalar_t* sp = sv.const_data_ptr<scalar_t>();
-      scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-      scalar_t* gr = residual_grad ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
-      dispatch_nonlinear_act(activation, [&](auto act_tag) {
+      const scalar_t* sp = b.saved.const_data_ptr<scalar_t>();
+      scalar_t* gi = b.grad_input.mutable_data_ptr<scalar_t>();
+      scalar_t* gr = b.grad_residual.defined() ? b.grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
+      dispatch_act(b.act, /*identity_ok=*/false, [&](auto act_tag) {
         using Op = ActBackwardOp<scalar_t, acc_t, decltype(act_tag)::value>;
         launch_dense<scalar_t>(L, Op{gp, sp, gi, gr}, src, static_cast<acc_t*>(nullptr), g.numel(),
                                g.size(1), channel_period(g), {gp, sp, gi, gr});
       });
     });
-  });
-  return {grad_input, grad_residual};
-}
+  }
+};
 
 }  // namespace frozennorm::cuda

@@ -1,5 +1,5 @@
 """The rules of the frozennorm ops on the Python side: argument checks, the compute dtype,
-the activation codes. The compiled kernels apply the same rules in csrc/frozen_bn.h and
+the activation codes. The compiled kernels apply the same rules in csrc/rules.h and
 csrc/common.cpp; tests/test_op.py checks that both agree (errors and dtypes)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def activation_code(activation: str) -> int:
     """The fused ops' code for an activation name: the one definition of the codes, which
-    csrc/frozen_bn.h's ``enum class Activation`` mirrors. (Literals: TorchScript, which
+    csrc/rules.h's ``enum class Activation`` mirrors. (Literals: TorchScript, which
     compiles this, takes no global ints.)"""
     if activation == "identity":
         return 0

@@ -48,12 +48,14 @@ std::tuple<at::Tensor, at::Tensor> forward(
     const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
     const at::Tensor& running_var, double eps) {
   EmulatedLauncher launcher;
-  return frozen_bn_forward(launcher, input, weight, bias, running_mean, running_var, eps);
+  Loops<decltype(launcher)> loops{launcher};
+  return frozen_bn_front(loops, input, weight, bias, running_mean, running_var, eps);
 }
 
 at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& scale) {
   EmulatedLauncher launcher;
-  return frozen_bn_backward(launcher, grad_output, scale);
+  Loops<decltype(launcher)> loops{launcher};
+  return frozen_bn_backward_front(loops, grad_output, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emu_act_forward(
@@ -62,15 +64,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emu_act_forward(
     const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
     int64_t activation, bool save_preact) {
   EmulatedLauncher launcher;
-  return frozen_bn_act_forward(launcher, input, residual, weight, bias, running_mean, running_var,
-                               eps, activation, save_preact);
+  Loops<decltype(launcher)> loops{launcher};
+  return frozen_bn_act_front(loops, input, residual, weight, bias, running_mean, running_var,
+                             eps, activation, save_preact);
 }
 
 std::tuple<at::Tensor, at::Tensor> emu_act_backward(const at::Tensor& grad_output,
                                                 const at::Tensor& saved, const at::Tensor& scale,
                                                 int64_t activation, bool residual_grad) {
   EmulatedLauncher launcher;
-  return frozen_bn_act_backward(launcher, grad_output, saved, scale, activation, residual_grad);
+  Loops<decltype(launcher)> loops{launcher};
+  return frozen_bn_act_backward_front(loops, grad_output, saved, scale, activation, residual_grad);
 }
 
 int64_t configure(int64_t sms) {

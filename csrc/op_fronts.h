@@ -1,0 +1,123 @@
+// The host side of the four ops up to their loops, one for every device: the argument
+// checks, the compute dtype, the layouts the loops need, the outputs, the identity
+// shortcuts. A device supplies only its loops, as a type with four methods:
+//
+//   at::Tensor forward(const Forward&)           // fills out (and preact), returns the scale
+//   void backward(const Backward&)               // fills grad_input (and grad_residual)
+//   at::Tensor act_forward(const Forward&)       // the same for the fused epilogues
+//   void act_backward(const Backward&)
+//
+// (CPU: cpu/frozen_bn_cpu.cpp; CUDA and its emulation in the tests: cuda/frozen_bn_cuda_impl.h.)
+// The loops must accept empty tensors: a forward still returns every channel's scale.
+#pragma once
+
+#include "frozen_bn.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <optional>
+#include <tuple>
+
+namespace frozennorm {
+
+// What a forward's loops get: out = act(round((input - mean) * scale + shift) [+ residual]).
+struct Forward {
+  Stats stats;           // checked, one dtype, contiguous
+  double eps;
+  at::ScalarType acc;    // compute_dtype()
+  at::Tensor input;      // frozen_bn: any layout; the fused op: dense
+  at::Tensor out;        // empty, in the input's layout
+  // the fused op only:
+  Activation act = Activation::kIdentity;
+  at::Tensor residual;   // undefined, or dense in the input's layout
+  at::Tensor preact;     // undefined, or empty in the input's layout (SiLU's saved tensor)
+};
+
+// What a backward's loops get: grad_input = act'(saved) * grad * scale.
+struct Backward {
+  at::Tensor grad;        // frozen_bn_backward: any layout; the fused op: in saved's layout
+  at::Tensor scale;       // in the compute dtype, contiguous
+  at::ScalarType acc;
+  at::Tensor grad_input;  // empty, in grad's layout
+  // the fused op only:
+  Activation act = Activation::kIdentity;
+  at::Tensor saved;          // dense: the forward's output (ReLU/ReLU6) or pre-activation (SiLU)
+  at::Tensor grad_residual;  // undefined, or empty in saved's layout
+};
+
+template <typename Loops>
+std::tuple<at::Tensor, at::Tensor> frozen_bn_front(
+    Loops& loops, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double eps) {
+  Forward f{check_forward_args(input, weight, bias, running_mean, running_var), eps};
+  f.acc = compute_dtype(input.scalar_type(), f.stats.mean.scalar_type());
+  f.input = input;
+  f.out = at::empty_like(input);
+  at::Tensor scale = loops.forward(f);
+  return {f.out, scale};
+}
+
+template <typename Loops>
+at::Tensor frozen_bn_backward_front(Loops& loops, const at::Tensor& grad_output,
+                                    const at::Tensor& scale) {
+  check_backward_args(grad_output, scale);
+  Backward b;
+  b.acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
+  b.grad = grad_output;
+  b.scale = scale.to(b.acc).contiguous();
+  b.grad_input = at::empty_like(grad_output);
+  loops.backward(b);
+  return b.grad_input;
+}
+
+template <typename Loops>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_front(
+    Loops& loops, const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+    int64_t activation, bool save_preact) {
+  Forward f{check_forward_args(input, weight, bias, running_mean, running_var), eps};
+  check_act_args(input, residual, activation);
+  const bool has_residual = residual.has_value() && residual->defined();
+  f.act = static_cast<Activation>(activation);
+  if (f.act == Activation::kIdentity && !has_residual) {
+    auto [out, scale] = frozen_bn_front(loops, input, weight, bias, running_mean, running_var, eps);
+    return {out, scale, at::empty({0}, out.options())};
+  }
+  f.acc = compute_dtype(input.scalar_type(), f.stats.mean.scalar_type());
+  // The fused loops need dense data, the residual in the same layout (normally free).
+  f.input = dense(input);
+  f.out = at::empty_like(f.input);
+  if (has_residual) f.residual = in_layout_of(*residual, f.input);
+  if (save_preact && f.act == Activation::kSiLU) f.preact = at::empty_like(f.input);
+  at::Tensor scale = loops.act_forward(f);
+  return {f.out, scale, f.preact.defined() ? f.preact : at::empty({0}, f.input.options())};
+}
+
+template <typename Loops>
+std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_front(
+    Loops& loops, const at::Tensor& grad_output, const at::Tensor& saved,
+    const at::Tensor& scale, int64_t activation, bool residual_grad) {
+  check_act_backward_args(grad_output, saved, scale, activation);
+  if (activation == static_cast<int64_t>(Activation::kIdentity)) {
+    // the residual's gradient is grad_output itself
+    return {frozen_bn_backward_front(loops, grad_output, scale),
+            residual_grad ? grad_output.clone() : at::empty({0}, grad_output.options())};
+  }
+  Backward b;
+  b.act = static_cast<Activation>(activation);
+  b.acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
+  // Everything in the layout of the saved tensor (the forward's output or pre-activation).
+  b.saved = dense(saved);
+  b.grad = in_layout_of(grad_output, b.saved);
+  b.scale = scale.to(b.acc).contiguous();
+  b.grad_input = at::empty_like(b.saved);
+  if (residual_grad) b.grad_residual = at::empty_like(b.saved);
+  loops.act_backward(b);
+  return {b.grad_input,
+          residual_grad ? b.grad_residual : at::empty({0}, b.saved.options())};
+}
+
+}  // namespace frozennorm
