@@ -56,7 +56,8 @@ for mode in release debug; do
     git ls-files -z --cached --others --exclude-standard | tar -cf - --null -T - | tar -xf - -C "$out/src"
     echo "== aarch64 $mode build"
     # setup.py decides by platform.machine(); the build runs the cross compiler.
-    if ! CC=$CROSS-gcc CXX=$CROSS-g++ LDFLAGS="-L$stubs" \
+    # (CPU only: whatever the caller asked of CUDA, e.g. CI's FORCE_CUDA=1, is dropped)
+    if ! env -u FORCE_CUDA -u TORCH_CUDA_ARCH_LIST CC=$CROSS-gcc CXX=$CROSS-g++ LDFLAGS="-L$stubs" \
             USE_CUDA=0 DEBUG=$([ "$mode" = debug ] && echo 1 || echo 0) MAX_JOBS=${MAX_JOBS:-2} \
             "$PYTHON" - "$out" >"$out/build.log" 2>&1 <<'EOF'
 import os, platform, runpy, sys
