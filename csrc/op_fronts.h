@@ -46,30 +46,58 @@ struct Backward {
   at::Tensor grad_residual;  // undefined, or empty in saved's layout
 };
 
-template <typename Loops>
-std::tuple<at::Tensor, at::Tensor> frozen_bn_front(
-    Loops& loops, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-    const at::Tensor& running_var, double eps) {
+// The checked statistics and the compute dtype of a forward (both ops).
+inline Forward checked_forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias,
+                               const at::Tensor& running_mean, const at::Tensor& running_var,
+                               double eps) {
   Forward f{check_forward_args(input, weight, bias, running_mean, running_var), eps};
   f.acc = compute_dtype(input.scalar_type(), f.stats.mean.scalar_type());
+  return f;
+}
+
+// frozen_bn's loops on a checked forward (also the fused op's, without activation and
+// residual).
+template <typename Loops>
+std::tuple<at::Tensor, at::Tensor> run_forward(Loops& loops, Forward& f, const at::Tensor& input) {
   f.input = input;
   f.out = at::empty_like(input);
   at::Tensor scale = loops.forward(f);
   return {f.out, scale};
 }
 
+// The compute dtype and the scale in it, for a backward whose arguments were checked.
+inline Backward checked_backward(const at::Tensor& grad_output, const at::Tensor& scale) {
+  Backward b;
+  b.acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
+  b.scale = scale.to(b.acc).contiguous();
+  return b;
+}
+
+// frozen_bn_backward's loops on a checked backward (also the fused op's without activation).
+template <typename Loops>
+at::Tensor run_backward(Loops& loops, Backward& b, const at::Tensor& grad_output) {
+  b.grad = grad_output;
+  b.grad_input = at::empty_like(grad_output);
+  loops.backward(b);
+  return b.grad_input;
+}
+
+template <typename Loops>
+std::tuple<at::Tensor, at::Tensor> frozen_bn_front(
+    Loops& loops, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double eps) {
+  Forward f = checked_forward(input, weight, bias, running_mean, running_var, eps);
+  return run_forward(loops, f, input);
+}
+
 template <typename Loops>
 at::Tensor frozen_bn_backward_front(Loops& loops, const at::Tensor& grad_output,
                                     const at::Tensor& scale) {
   check_backward_args(grad_output, scale);
-  Backward b;
-  b.acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
-  b.grad = grad_output;
-  b.scale = scale.to(b.acc).contiguous();
-  b.grad_input = at::empty_like(grad_output);
-  loops.backward(b);
-  return b.grad_input;
+  Backward b = checked_backward(grad_output, scale);
+  return run_backward(loops, b, grad_output);
 }
 
 template <typename Loops>
@@ -78,15 +106,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_front(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
     int64_t activation, bool save_preact) {
-  Forward f{check_forward_args(input, weight, bias, running_mean, running_var), eps};
+  Forward f = checked_forward(input, weight, bias, running_mean, running_var, eps);
   check_act_args(input, residual, activation);
   const bool has_residual = residual.has_value() && residual->defined();
   f.act = static_cast<Activation>(activation);
   if (f.act == Activation::kIdentity && !has_residual) {
-    auto [out, scale] = frozen_bn_front(loops, input, weight, bias, running_mean, running_var, eps);
+    auto [out, scale] = run_forward(loops, f, input);
     return {out, scale, at::empty({0}, out.options())};
   }
-  f.acc = compute_dtype(input.scalar_type(), f.stats.mean.scalar_type());
   // The fused loops need dense data, the residual in the same layout (normally free).
   f.input = dense(input);
   f.out = at::empty_like(f.input);
@@ -101,18 +128,15 @@ std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_front(
     Loops& loops, const at::Tensor& grad_output, const at::Tensor& saved,
     const at::Tensor& scale, int64_t activation, bool residual_grad) {
   check_act_backward_args(grad_output, saved, scale, activation);
-  if (activation == static_cast<int64_t>(Activation::kIdentity)) {
-    // the residual's gradient is grad_output itself
-    return {frozen_bn_backward_front(loops, grad_output, scale),
+  Backward b = checked_backward(grad_output, scale);
+  b.act = static_cast<Activation>(activation);
+  if (b.act == Activation::kIdentity) {  // the residual's gradient is grad_output itself
+    return {run_backward(loops, b, grad_output),
             residual_grad ? grad_output.clone() : at::empty({0}, grad_output.options())};
   }
-  Backward b;
-  b.act = static_cast<Activation>(activation);
-  b.acc = compute_dtype(grad_output.scalar_type(), scale.scalar_type());
   // Everything in the layout of the saved tensor (the forward's output or pre-activation).
   b.saved = dense(saved);
   b.grad = in_layout_of(grad_output, b.saved);
-  b.scale = scale.to(b.acc).contiguous();
   b.grad_input = at::empty_like(b.saved);
   if (residual_grad) b.grad_residual = at::empty_like(b.saved);
   loops.act_backward(b);

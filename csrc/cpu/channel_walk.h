@@ -86,7 +86,6 @@ inline T fma_scalar(T a, T b, T c) {
 #endif
 }
 
-
 // Non-temporal store of one vector to an address aligned to its width.
 #if defined(FROZENNORM_X86_SIMD)
 #if defined(CPU_CAPABILITY_AVX512)

@@ -87,10 +87,9 @@ at::Tensor channel_scale(const Stats& s, double eps, at::ScalarType acc) {
 // The CPU loops behind op_fronts.h's fronts.
 struct Loops {
   at::Tensor forward(const Forward& f) {
-    at::Tensor scale = channel_scale(f.stats, f.eps, f.acc);
-    const at::Tensor shift = shift_of(f.stats, scale, f.acc);
-    run_affine(f.out, f.input, as_compute(f.stats.mean, f.acc), scale, shift);
-    return scale;
+    const Params p = params(f);
+    run_affine(f.out, f.input, p.mean, p.scale, p.shift);
+    return p.scale;
   }
 
   void backward(const Backward& b) {
@@ -98,17 +97,14 @@ struct Loops {
   }
 
   at::Tensor act_forward(const Forward& f) {
-    at::Tensor scale = channel_scale(f.stats, f.eps, f.acc);
-    if (f.input.numel() == 0) return scale;
-    // (named: the problem keeps their data pointers)
-    const at::Tensor mean = as_compute(f.stats.mean, f.acc);
-    const at::Tensor shift = shift_of(f.stats, scale, f.acc);
-    DenseProblem p = dense_problem(f.input, f.out, scale, mean, shift);
+    const Params params_ = params(f);  // (named: the problem keeps their data pointers)
+    if (f.input.numel() == 0) return params_.scale;
+    DenseProblem p = dense_problem(f.input, f.out, params_.scale, params_.mean, params_.shift);
     p.act = f.act;
     p.residual = f.residual.defined() ? f.residual.const_data_ptr() : nullptr;
     p.extra = f.preact.defined() ? f.preact.mutable_data_ptr() : nullptr;
     kernels().act_forward(p);
-    return scale;
+    return params_.scale;
   }
 
   void act_backward(const Backward& b) {
@@ -121,9 +117,15 @@ struct Loops {
   }
 
  private:
-  // The bias in the compute dtype, zeros where there is none.
-  static at::Tensor shift_of(const Stats& s, const at::Tensor& scale, at::ScalarType acc) {
-    return s.bias.defined() ? as_compute(s.bias, acc) : at::zeros_like(scale);
+  // A forward's per-channel parameters in the compute dtype (shift: zeros without a bias).
+  struct Params {
+    at::Tensor scale, mean, shift;
+  };
+  static Params params(const Forward& f) {
+    at::Tensor scale = channel_scale(f.stats, f.eps, f.acc);
+    at::Tensor shift =
+        f.stats.bias.defined() ? as_compute(f.stats.bias, f.acc) : at::zeros_like(scale);
+    return {scale, as_compute(f.stats.mean, f.acc), shift};
   }
 };
 
