@@ -275,9 +275,14 @@ def import_cpp_extension(cuda_home):
     return cpp_extension
 
 
+def optimization(debug):
+    """The optimisation flags of every compiler (DEBUG=1: none, with debug info)."""
+    return ["-O0", "-g"] if debug else ["-O3"]
+
+
 def cxx_flags(debug, openmp):
     """The C++ compiler and linker flags of every source."""
-    cxx = (["-O0", "-g"] if debug else ["-O3"]) + ["-Wall", "-Wno-unknown-pragmas"]
+    cxx = optimization(debug) + ["-Wall", "-Wno-unknown-pragmas"]
     link = []
     if not debug and sys.platform != "win32":
         # Python's CFLAGS carry -g: debug info makes the library ten times larger and the
@@ -415,8 +420,8 @@ def configure():
                 f"{torch.version.cuda}; torch may refuse to build")
         sources += sources_in("cuda", "*.cu")
         include_dirs += extra_cuda_includes(cuda_home)
-        extra["nvcc"] = (["-O0", "-g"] if debug else ["-O3"]) + [
-            "-lineinfo", "--expt-relaxed-constexpr"] + glibc_compat_flags()
+        extra["nvcc"] = (optimization(debug) + ["-lineinfo", "--expt-relaxed-constexpr"]
+                         + glibc_compat_flags())
         info.update(nvcc_version=nvcc_release, cuda_arch_list=cuda_arch_list(torch, nvcc_release))
         log(f"CUDA kernels: ON  ({cuda_why}; toolkit {cuda_home}, nvcc {nvcc_release}, "
             f"archs {info['cuda_arch_list']})")
