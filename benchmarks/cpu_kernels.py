@@ -29,9 +29,9 @@ import frozennorm  # noqa: F401  (loads the ops)
 from frozennorm.bench.cases import DTYPES, SHAPES, shape_str
 from frozennorm.bench.report import fmt_ratio, fmt_time, geomean, load_average, metadata, table
 from frozennorm.bench.timing import BUSY_LOAD, CpuTimer, configure_cpu_malloc, timed_rounds
+from frozennorm.ops import ACTIVATIONS
 
 ops = torch.ops.frozennorm
-ACTIVATIONS = {"relu": 1, "relu6": 2, "silu": 3}
 #: the benchmark's presets of at least 1 MB in float16/bfloat16 (the issue's lower bound)
 DEFAULT_SHAPES = [n for n, s in SHAPES.items() if math.prod(s) * 2 >= 1 << 20]
 VIEWS = ("nchw_channel_slice", "cl_channel_slice", "every_other_column")
