@@ -1,6 +1,8 @@
 """The CPU kernels against the memory floor where ``python -m frozennorm.bench`` does not look:
 the fused epilogues (BN + ReLU/ReLU6/SiLU, with and without a residual, forward and backward)
-and strided views (forward and backward), op by op through ``torch.ops.frozennorm``.
+and strided views (forward and backward), op by op through ``torch.ops.frozennorm``; and the
+parts of a training step (the benchmark's training mode: the module's forward and the input's
+gradient through ``torch.autograd.grad``): the two kernels alone, and the autograd engine.
 
     python benchmarks/cpu_kernels.py --out benchmarks/results/cpu/kernels   # kernels.json, kernels.md
 
@@ -9,6 +11,12 @@ benchmark's own timer, heap setting and busy-machine retries). The floor of an o
 more bytes than one copy (a residual to read, a pre-activation or a residual's gradient to
 write, a saved tensor to read in the backward) is clone's time scaled by the bytes the op
 moves over the bytes clone moves; ``x floor`` = op time / that floor, as in the benchmark.
+A training step's floor is the benchmark's: ``(x.clone(), grad.clone())``, two copies, the
+first kept while the second is made (as autograd keeps the forward's output through the
+backward: four tensors in the caches, not three). Its parts, timed in the same rounds:
+``kernels`` (frozen_bn then frozen_bn_backward, called directly, the output kept likewise)
+and ``engine``, ``torch.autograd.grad`` through ``x.clone()`` (whose backward does nothing)
+less ``x.clone()`` itself: what autograd costs around any one differentiable op.
 """
 from __future__ import annotations
 
@@ -29,12 +37,14 @@ import frozennorm  # noqa: F401  (loads the ops)
 from frozennorm.bench.cases import DTYPES, SHAPES, shape_str
 from frozennorm.bench.report import fmt_ratio, fmt_time, geomean, load_average, metadata, table
 from frozennorm.bench.timing import BUSY_LOAD, CpuTimer, configure_cpu_malloc, timed_rounds
+from frozennorm.modules import FrozenBatchNorm2d
 from frozennorm.ops import ACTIVATIONS
 
 ops = torch.ops.frozennorm
 #: the benchmark's presets of at least 1 MB in float16/bfloat16 (the issue's lower bound)
 DEFAULT_SHAPES = [n for n, s in SHAPES.items() if math.prod(s) * 2 >= 1 << 20]
 VIEWS = ("nchw_channel_slice", "cl_channel_slice", "every_other_column")
+PASSES = ("forward", "backward", "step")
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ class Case:
     dtype: str
     layout: str  # nchw / channels_last, or one of VIEWS
     kind: str    # bn (frozen_bn), or fused: bn+relu, bn+relu6, bn+silu, each also "+residual"
-    pass_: str   # forward / backward
+    pass_: str   # forward / backward / step (bn on dense layouts: a training step and its parts)
 
     @property
     def label(self) -> str:
@@ -69,41 +79,68 @@ def view_of(shape, dtype, layout, gen) -> torch.Tensor:
     raise ValueError(layout)
 
 
-def prepare(case: Case) -> Tuple[Callable[[], object], torch.Tensor, float]:
-    """The op's call, the tensor whose clone is the floor, and bytes moved / clone's bytes."""
+Call = Callable[[], object]
+
+
+def prepare(case: Case) -> Tuple[Call, torch.Tensor, float, Dict[str, Call]]:
+    """The op's call, the tensor whose clone is the floor, bytes moved / clone's bytes, and
+    what is timed beside it: a training step's parts and its own floor ("floor")."""
     gen = torch.Generator().manual_seed(0)
     x = view_of(case.shape, case.dtype, case.layout, gen)
     C = case.shape[1]
     w, b = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
     m, v = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5
     eps = 1e-5
+    if case.pass_ == "step":
+        return prepare_step(x, w, b, m, v, eps, gen)
     if case.kind == "bn":
         if case.pass_ == "forward":
-            return (lambda: ops.frozen_bn(x, w, b, m, v, eps)), x, 1.0
+            return (lambda: ops.frozen_bn(x, w, b, m, v, eps)), x, 1.0, {}
         scale = ops.frozen_bn(x, w, b, m, v, eps)[1]
-        return (lambda: ops.frozen_bn_backward(x, scale)), x, 1.0
+        return (lambda: ops.frozen_bn_backward(x, scale)), x, 1.0, {}
     act_name = case.kind.split("+")[1]
     act, residual = ACTIVATIONS[act_name], case.kind.endswith("+residual")
     r = view_of(case.shape, case.dtype, case.layout, gen) if residual else None
     preact = act_name == "silu"  # the training forward keeps what SiLU's backward needs
     if case.pass_ == "forward":
         moved = 2 + residual + preact  # read x (and r), write out (and the pre-activation)
-        return (lambda: ops.frozen_bn_act(x, r, w, b, m, v, eps, act, preact)), x, moved / 2
+        return (lambda: ops.frozen_bn_act(x, r, w, b, m, v, eps, act, preact)), x, moved / 2, {}
     out, scale, pre = ops.frozen_bn_act(x, r, w, b, m, v, eps, act, preact)
     saved = pre if preact else out
     g = torch.randn(out.shape, generator=gen).to(out.dtype).contiguous(
         memory_format=torch.channels_last if case.layout == "channels_last" else
         torch.contiguous_format)
     moved = 3 + residual  # read grad and saved, write grad_input (and the residual's)
-    return (lambda: ops.frozen_bn_act_backward(g, saved, scale, act, residual)), x, moved / 2
+    return (lambda: ops.frozen_bn_act_backward(g, saved, scale, act, residual)), x, moved / 2, {}
 
 
-def make_cases(shapes, dtypes, fused_layouts, views, kinds) -> List[Case]:
+def prepare_step(x, w, b, m, v, eps, gen) -> Tuple[Call, torch.Tensor, float, Dict[str, Call]]:
+    """A training step as the benchmark times it, its floor (two copies) and its parts."""
+    bn = FrozenBatchNorm2d(x.shape[1], eps)
+    for name, t in (("weight", w), ("bias", b), ("running_mean", m), ("running_var", v)):
+        getattr(bn, name).copy_(t)
+    xg = x.detach().clone().requires_grad_()
+    g = torch.empty_like(x).normal_(generator=gen)  # in x's layout
+
+    def kernels() -> object:
+        out, scale = ops.frozen_bn(x, w, b, m, v, eps)
+        return out, ops.frozen_bn_backward(g, scale)
+    parts = {"floor": lambda: (x.clone(), g.clone()), "kernels": kernels,
+             "engine": lambda: torch.autograd.grad(xg.clone(), xg, g)}
+    return (lambda: torch.autograd.grad(bn(xg), xg, g)), x, 2.0, parts
+
+
+def make_cases(shapes, dtypes, fused_layouts, views, kinds, passes=PASSES) -> List[Case]:
     cases = []
     for name in shapes:
         shape = SHAPES[name]
         for dtype in dtypes:
-            for pass_ in ("forward", "backward"):
+            for pass_ in passes:
+                if pass_ == "step":  # frozen_bn's training step, on the dense layouts
+                    if "bn" in kinds:
+                        cases += [Case(name, shape, dtype, layout, "bn", pass_)
+                                  for layout in fused_layouts]
+                    continue
                 for layout in fused_layouts:
                     cases += [Case(name, shape, dtype, layout, k, pass_) for k in kinds]
                 cases += [Case(name, shape, dtype, view, "bn", pass_) for view in views]
@@ -114,14 +151,20 @@ def run(cases: Sequence[Case], rounds: int, min_run_time: float, retries: int) -
     timer = CpuTimer(min_run_time)
     out = []
     for i, case in enumerate(cases):
-        call, x, bytes_ratio = prepare(case)
-        samplers = {"clone": timer.prepare(lambda: x.clone()), "op": timer.prepare(call)}
+        call, x, bytes_ratio, parts = prepare(case)
+        samplers = {"clone": timer.prepare(lambda: x.clone()), "op": timer.prepare(call),
+                    **{name: timer.prepare(f) for name, f in parts.items()}}
         stats, load = timed_rounds(samplers, rounds, retries)
-        ratio = stats["op"].median / (stats["clone"].median * bytes_ratio)
+        floor = stats["floor"].median if "floor" in parts else stats["clone"].median * bytes_ratio
+        ratio = stats["op"].median / floor
         row = {**asdict(case), "tensor_bytes": x.numel() * x.element_size(),
                "bytes_vs_clone": bytes_ratio, "op": stats["op"].as_dict(),
                "clone": stats["clone"].as_dict(), "x_floor": ratio, "foreign_load": load,
                "busy": load is not None and load > BUSY_LOAD}
+        if parts:
+            row.update({name: stats[name].as_dict() for name in parts})
+            row["kernels_x_floor"] = stats["kernels"].median / floor
+            row["engine_s"] = stats["engine"].median - stats["clone"].median
         out.append(row)
         print(f"[{i + 1}/{len(cases)}] {case.label}: {fmt_ratio(ratio)}"
               + (" (busy)" if row["busy"] else ""), file=sys.stderr, flush=True)
@@ -145,6 +188,18 @@ def summarize(rows: Sequence[Dict]) -> List[List[str]]:
     return out
 
 
+def step_table(rows: Sequence[Dict]) -> str:
+    """The training steps and their parts, case by case."""
+    return table(["shape", "dtype", "layout", "step", "floor", "x floor",
+                  "kernels x floor", "engine", "engine / floor"],
+                 [[f"{r['shape_name']} {shape_str(r['shape'])}", r["dtype"], r["layout"],
+                   fmt_time(r["op"]["median"]), fmt_time(r["floor"]["median"]),
+                   fmt_ratio(r["x_floor"]) + (" (busy)" if r["busy"] else ""),
+                   fmt_ratio(r["kernels_x_floor"]), fmt_time(r["engine_s"]),
+                   f"{r['engine_s'] / r['floor']['median']:.2f}"]
+                  for r in rows if r["pass_"] == "step"], markdown=True)
+
+
 def write(out_dir: Path, meta: Dict, rows: Sequence[Dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "kernels.json").write_text(json.dumps({"metadata": meta, "cases": rows},
@@ -166,8 +221,13 @@ def write(out_dir: Path, meta: Dict, rows: Sequence[Dict]) -> None:
         f"{load[0]} at the start, {load[1]} at the end; {meta['elapsed_s']} s.\n\n"
         f"`{meta['command']}`\n\n"
         "x floor: op time / (x.clone() time x the bytes the op moves over clone's), "
-        "timed in the same interleaved rounds.\n\n"
-        f"## Summary (geometric mean over shapes)\n\n{summary}\n\n## Per case\n\n{per_case}\n")
+        "timed in the same interleaved rounds. step: a training step (the module's forward and "
+        "torch.autograd.grad to the input) against (x.clone(), grad.clone()); kernels: "
+        "frozen_bn then frozen_bn_backward called directly, against the same floor; engine: "
+        "torch.autograd.grad through x.clone() less x.clone().\n\n"
+        f"## Summary (geometric mean over shapes)\n\n{summary}\n\n## Per case\n\n{per_case}\n"
+        + (f"\n## Training steps and their parts\n\n{step_table(rows)}\n"
+           if any(r["pass_"] == "step" for r in rows) else ""))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -180,6 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--kinds", default="bn,bn+relu,bn+relu6,bn+silu,bn+relu+residual,"
                                       "bn+silu+residual",
                    help="cases on the dense layouts: bn (frozen_bn alone) and fused ones, or ''")
+    p.add_argument("--passes", default=",".join(PASSES),
+                   help="forward, backward, step (a training step of frozen_bn and its parts)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=0.05)
     p.add_argument("--busy-retries", type=int, default=2)
@@ -190,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     split = lambda s: [t for t in s.split(",") if t]  # noqa: E731
     cases = make_cases(split(args.shape), split(args.dtype), split(args.layout),
-                       split(args.views), split(args.kinds))
+                       split(args.views), split(args.kinds), split(args.passes))
     start = time.monotonic()
     settings = {"cpu_malloc": configure_cpu_malloc("keep"), "rounds": args.repeat,
                 "min_run_time": args.min_run_time, "busy_retries": args.busy_retries}

@@ -315,20 +315,26 @@ def test_cuda_smoke(tmp_path):
 
 @pytest.mark.skipif(not frozennorm.ops.COMPILED, reason="times the compiled CPU kernels")
 def test_cpu_kernels_script(tmp_path):
-    """benchmarks/cpu_kernels.py (fused epilogues and strided views against x.clone()): one
-    small case of each kind, the files written, every case in the summary or marked busy."""
+    """benchmarks/cpu_kernels.py (fused epilogues, strided views and training steps against
+    x.clone()): one small case of each kind, the files written, every case in the summary or
+    marked busy, a training step with its parts."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_kernels.py"
     out = tmp_path / "kernels"
     proc = subprocess.run(
         [sys.executable, str(script), "--shape", "tiny", "--dtype", "bfloat16",
          "--layout", "channels_last", "--views", "nchw_channel_slice",
-         "--kinds", "bn+silu+residual", "--repeat", "1", "--min-run-time", "0.001",
+         "--kinds", "bn,bn+silu+residual", "--repeat", "1", "--min-run-time", "0.001",
          "--busy-retries", "0", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "kernels.json").read_text())["cases"]
     assert {(r["kind"], r["layout"], r["pass_"]) for r in rows} == {
         (k, l, p) for p in ("forward", "backward")
-        for k, l in (("bn+silu+residual", "channels_last"), ("bn", "nchw_channel_slice"))}
+        for k, l in (("bn", "channels_last"), ("bn+silu+residual", "channels_last"),
+                     ("bn", "nchw_channel_slice"))} | {("bn", "channels_last", "step")}
     assert all(r["x_floor"] > 0 for r in rows)
-    assert "## Summary" in (out / "kernels.md").read_text()
+    step, = [r for r in rows if r["pass_"] == "step"]
+    assert step["floor"]["median"] > 0 and step["kernels_x_floor"] > 0
+    assert step["engine"]["median"] > 0 and "engine_s" in step
+    md = (out / "kernels.md").read_text()
+    assert "## Summary" in md and "## Training steps and their parts" in md
