@@ -97,6 +97,45 @@ def test_plane_lengths_around_the_vector_width_cpu(dtype, activation, plane):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_at_the_kinks_and_non_finite_values(device, dtype, activation, layout):
+    """ReLU's and ReLU6's gradients where the saved output sits on a kink or is not finite,
+    as torch computes them: zero where it is <= 0 (either zero) or, for ReLU6, >= 6; the
+    gradient itself elsewhere, NaN of either sign and subnormals included; the residual's
+    gradient is that same tensor, and the input's is it times the scale."""
+    fi = torch.finfo(dtype)
+    nan = torch.tensor(float("nan"))
+    special = torch.stack([
+        torch.tensor(0.0), torch.tensor(-0.0), torch.tensor(6.0), torch.tensor(-6.0),
+        torch.tensor(6.0).to(dtype).nextafter(torch.tensor(7.0, dtype=dtype)).double(),
+        torch.tensor(6.0).to(dtype).nextafter(torch.tensor(5.0, dtype=dtype)).double(),
+        torch.tensor(float("inf")), torch.tensor(float("-inf")), nan, -nan,
+        torch.tensor(fi.smallest_normal / 4), torch.tensor(-fi.smallest_normal / 4),
+        torch.tensor(fi.tiny), torch.tensor(fi.max), torch.tensor(-fi.max)]).to(dtype)
+    shape = [2, 33, 4, 9]  # planes of 36 and rows of 33: whole vectors and remainders
+    g = torch.Generator().manual_seed(3)
+    saved = torch.randn(shape, generator=g).to(dtype).flatten()
+    pick = torch.randint(0, 2, saved.shape, generator=g).bool()
+    saved[pick] = special[torch.arange(int(pick.sum())) % len(special)]
+    saved = make_layout(saved.view(shape), layout).to(device)
+    grad = make_layout(torch.randn(shape, generator=g).to(dtype), layout).to(device)
+    scale = (torch.rand(shape[1], generator=g) + 0.5).to(device)
+    gi, gr = frozen_bn_act_backward(grad, saved, scale, ACTIVATIONS[activation], True)
+    kink = saved <= 0
+    if activation == "relu6":
+        kink |= saved >= 6
+    ga = torch.where(kink, torch.zeros((), dtype=dtype, device=device), grad)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(gr, ga, **exact)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # the compute dtype
+    torch.testing.assert_close(gi, (ga.to(acc) * scale.to(acc).view(1, -1, 1, 1)).to(dtype),
+                               **exact)
+    assert gi.stride() == grad.stride() and gr.stride() == grad.stride()
+
+
+@pytest.mark.parametrize("device", device_params())
 @given(data=st.data())
 def test_matches_unfused_sequence_property(device, data):
     shape = [data.draw(st.integers(0, 3)), data.draw(st.integers(1, 40))] + [
