@@ -188,14 +188,23 @@ def summarize(rows: Sequence[Dict]) -> List[List[str]]:
     return out
 
 
+def busy_note(rows: Sequence[Dict]) -> str:
+    """A line saying how many cases the summary leaves out as timed on a busy machine."""
+    busy = sum(r["busy"] for r in rows)
+    return (f"{busy} of {len(rows)} cases were timed while other processes kept the CPU busy: "
+            "left out of the summary, marked (busy) case by case." if busy else "")
+
+
 def step_table(rows: Sequence[Dict]) -> str:
     """The training steps and their parts, case by case."""
+    def busy(r):
+        return " (busy)" if r["busy"] else ""
     return table(["shape", "dtype", "layout", "step", "floor", "x floor",
                   "kernels x floor", "engine", "engine / floor"],
                  [[f"{r['shape_name']} {shape_str(r['shape'])}", r["dtype"], r["layout"],
                    fmt_time(r["op"]["median"]), fmt_time(r["floor"]["median"]),
-                   fmt_ratio(r["x_floor"]) + (" (busy)" if r["busy"] else ""),
-                   fmt_ratio(r["kernels_x_floor"]), fmt_time(r["engine_s"]),
+                   fmt_ratio(r["x_floor"]) + busy(r), fmt_ratio(r["kernels_x_floor"]) + busy(r),
+                   fmt_time(r["engine_s"]) + busy(r),
                    f"{r['engine_s'] / r['floor']['median']:.2f}"]
                   for r in rows if r["pass_"] == "step"], markdown=True)
 
@@ -225,7 +234,9 @@ def write(out_dir: Path, meta: Dict, rows: Sequence[Dict]) -> None:
         "torch.autograd.grad to the input) against (x.clone(), grad.clone()); kernels: "
         "frozen_bn then frozen_bn_backward called directly, against the same floor; engine: "
         "torch.autograd.grad through x.clone() less x.clone().\n\n"
-        f"## Summary (geometric mean over shapes)\n\n{summary}\n\n## Per case\n\n{per_case}\n"
+        f"## Summary (geometric mean over shapes)\n\n{summary}\n\n"
+        + (f"{busy_note(rows)}\n\n" if busy_note(rows) else "")
+        + f"## Per case\n\n{per_case}\n"
         + (f"\n## Training steps and their parts\n\n{step_table(rows)}\n"
            if any(r["pass_"] == "step" for r in rows) else ""))
 
@@ -264,6 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta["load_average_end"] = load_average()
     print(table(["kind", "pass", "dtype", "layout", "x floor", "range", "worst", "> 1.25x"],
                 summarize(rows)))
+    if busy_note(rows):
+        print(busy_note(rows))
     if args.out:
         write(args.out, meta, rows)
     return 0

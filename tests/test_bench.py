@@ -1,6 +1,7 @@
 """``python -m frozennorm.bench``: a smoke run for a handful of iterations, asserting the
 structure of what it reports, never its speed."""
 import contextlib
+import importlib.util
 import io
 import json
 import subprocess
@@ -338,3 +339,16 @@ def test_cpu_kernels_script(tmp_path):
     assert step["engine"]["median"] > 0 and "engine_s" in step
     md = (out / "kernels.md").read_text()
     assert "## Summary" in md and "## Training steps and their parts" in md
+    # cases timed on a busy machine: left out of the summary, which says so, and marked
+    spec = importlib.util.spec_from_file_location("cpu_kernels", script)
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules["cpu_kernels"] = kernels  # (its dataclass looks its module up there)
+    try:
+        spec.loader.exec_module(kernels)
+    finally:
+        del sys.modules["cpu_kernels"]
+    busy_rows = [{**r, "busy": True} for r in rows]
+    assert kernels.summarize(busy_rows) == []
+    assert kernels.busy_note(busy_rows).startswith(f"{len(rows)} of {len(rows)} cases")
+    assert (kernels.busy_note(rows) == "") == (not any(r["busy"] for r in rows))
+    assert kernels.step_table(busy_rows).count("(busy)") == 3
