@@ -286,6 +286,33 @@ class TestErrors:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [5, 64, 300])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_channel_slices_cpu(dtype, channels, memory_format):
+    """The first C channels of a 2C-channel tensor (torch.split / chunk): rows of dense data
+    with gaps between them — a channels-last pixel's C channels (parameters following the
+    channel) or an NCHW plane (one channel's parameters) — walked row by row, on 1 and 3
+    threads, forward and backward."""
+    big = torch.randn(2, 2 * channels, 7, 9, dtype=torch.float64).to(dtype)
+    x = big.contiguous(memory_format=memory_format)[:, :channels]
+    assert not x.is_contiguous(memory_format=memory_format)
+    s = make_sample(list(x.shape), dtype, seed=channels)
+    s = type(s)(x, s.weight, s.bias, s.mean, s.var, s.eps)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            y, scale = check_forward(s)
+            assert y.is_contiguous(memory_format=memory_format)
+            gi = frozen_bn_backward(x, scale)  # the slice as grad_output
+            exact = oracle(x, s.weight, None, torch.zeros_like(s.mean), s.var, s.eps)
+            assert_close_to_exact(gi, exact, exact.abs(), compute_eps(dtype, scale.dtype),
+                                  "grad_input")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("step", [2, 3])
 def test_strided_channels_of_channels_last_cpu(dtype, step):
     """Every other (third) channel of a channels-last tensor: the channels are the innermost
