@@ -63,27 +63,30 @@ struct AffineIterLoop {
   static constexpr int64_t kGather = 256;
 
   void operator()(char** data, const int64_t* strides, int64_t n, int64_t rows) const {
-    // The inner strides are every row's: the kind of loop is decided once for all rows.
-    bool params_const = true, params_contig = true;
-    for (int k = kIn + 1; k < kOperands; ++k) {
-      params_const &= strides[k] == 0;
-      params_contig &= strides[k] == sizeof(acc_t);
-    }
-    const bool vectorizable = strides[kOut] == sizeof(scalar_t) && (params_const || params_contig);
-    if (vectorizable && strides[kIn] == sizeof(scalar_t)) {
-      params_const ? dense_rows<false>(data, strides, n, rows)
-                   : dense_rows<true>(data, strides, n, rows);
-      return;
-    }
     char* ptrs[kOperands];
     for (int64_t r = 0; r < rows; ++r) {
       for (int k = 0; k < kOperands; ++k) ptrs[k] = data[k] + r * strides[kOperands + k];
+      bool params_const = true, params_contig = true;
+      for (int k = kIn + 1; k < kOperands; ++k) {
+        params_const &= strides[k] == 0;
+        params_contig &= strides[k] == sizeof(acc_t);
+      }
       const auto* in = reinterpret_cast<const scalar_t*>(ptrs[kIn]);
       auto* out = reinterpret_cast<scalar_t*>(ptrs[kOut]);
       const auto* m = kShift ? reinterpret_cast<const acc_t*>(ptrs[kMean]) : nullptr;
       const auto* s = reinterpret_cast<const acc_t*>(ptrs[kScale]);
       const auto* b = kShift ? reinterpret_cast<const acc_t*>(ptrs[kShiftOp]) : nullptr;
-      if (vectorizable) {  // a strided input (x[..., ::2]): gathered, then the vector loop
+      // out[j + i] for i in [0, len) from from[i] (dense), in channel j + i (params_contig)
+      // or all in one channel (params_const)
+      auto vectors = [&](const scalar_t* from, int64_t j, int64_t len) {
+        const Op op{from, out + j};
+        params_const ? walk_run<false, false>(op, 0, len, 0, m, s, b)
+                     : walk_run<true, false>(op, 0, len, j, m, s, b);
+      };
+      const bool vectorizable = strides[kOut] == sizeof(scalar_t) && (params_const || params_contig);
+      if (vectorizable && strides[kIn] == sizeof(scalar_t)) {
+        vectors(in, 0, n);
+      } else if (vectorizable) {  // a strided input (x[..., ::2]): gathered, then the vector loop
         scalar_t buf[kGather];
         for (int64_t j = 0; j < n; j += kGather) {
           const int64_t len = std::min(kGather, n - j);
@@ -91,10 +94,7 @@ struct AffineIterLoop {
           for (int64_t i = 0; i < len; ++i) {
             buf[i] = *reinterpret_cast<const scalar_t*>(from + i * strides[kIn]);
           }
-          // out[j + i] for i in [0, len) from buf[i], in channel j + i or all in one
-          const Op op{buf, out + j};
-          params_const ? walk_run<false, false>(op, 0, len, 0, m, s, b)
-                       : walk_run<true, false>(op, 0, len, j, m, s, b);
+          vectors(buf, j, len);
         }
       } else {
         for (int64_t j = 0; j < n; ++j) {
@@ -106,25 +106,6 @@ struct AffineIterLoop {
               *reinterpret_cast<const acc_t*>(at(kScale)), bj));
         }
       }
-    }
-  }
-
- private:
-  // Rows whose input and output are dense (a channels-last slice's rows of C channels, the
-  // rows of a sliced NCHW plane): the vector walk of each row inlined in the loop over rows.
-  // (Through a lambda shared with the gather below, GCC called it per row: a 1x64x56x56
-  // channels-last slice's forward took 16.0 us in bfloat16 and 18.3 us in float32, 14.0 and
-  // 13.9 us now; no change at 256 channels.) kContig: the row's parameters are consecutive
-  // channels, else one channel's.
-  template <bool kContig>
-  void dense_rows(char** data, const int64_t* strides, int64_t n, int64_t rows) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      auto at = [&](int k) { return data[k] + r * strides[kOperands + k]; };
-      const Op op{reinterpret_cast<const scalar_t*>(at(kIn)), reinterpret_cast<scalar_t*>(at(kOut))};
-      walk_run<kContig, false>(op, 0, n, 0,
-                               kShift ? reinterpret_cast<const acc_t*>(at(kMean)) : nullptr,
-                               reinterpret_cast<const acc_t*>(at(kScale)),
-                               kShift ? reinterpret_cast<const acc_t*>(at(kShiftOp)) : nullptr);
     }
   }
 };
