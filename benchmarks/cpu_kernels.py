@@ -4,7 +4,9 @@ and strided views (forward and backward), op by op through ``torch.ops.frozennor
 parts of a training step (the benchmark's training mode: the module's forward and the input's
 gradient through ``torch.autograd.grad``): the two kernels alone, and the autograd engine.
 
-    python benchmarks/cpu_kernels.py --out benchmarks/results/cpu/kernels   # kernels.json, kernels.md
+    python benchmarks/cpu_kernels.py --passes forward,backward --out benchmarks/results/cpu/kernels
+    python benchmarks/cpu_kernels.py --views '' --kinds bn --passes step --out benchmarks/results/cpu/steps
+    # each writes kernels.json and kernels.md (the commands of the committed results: benchmarks/README.md)
 
 Each case times the op and ``x.clone()`` of the same tensor in interleaved rounds (the
 benchmark's own timer, heap setting and busy-machine retries). The floor of an op that moves
