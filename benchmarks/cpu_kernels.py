@@ -168,8 +168,8 @@ def run(cases: Sequence[Case], rounds: int, min_run_time: float, retries: int) -
             row["kernels_x_floor"] = stats["kernels"].median / floor
             row["engine_s"] = stats["engine"].median - stats["clone"].median
         out.append(row)
-        print(f"[{i + 1}/{len(cases)}] {case.label}: {fmt_ratio(ratio)}"
-              + (" (busy)" if row["busy"] else ""), file=sys.stderr, flush=True)
+        print(f"[{i + 1}/{len(cases)}] {case.label}: {fmt_ratio(ratio)}{busy_mark(row)}",
+              file=sys.stderr, flush=True)
     return out
 
 
@@ -190,6 +190,11 @@ def summarize(rows: Sequence[Dict]) -> List[List[str]]:
     return out
 
 
+def busy_mark(row: Dict) -> str:
+    """" (busy)" after the figures of a case timed while other processes kept the CPU busy."""
+    return " (busy)" if row["busy"] else ""
+
+
 def busy_note(rows: Sequence[Dict]) -> str:
     """A line saying how many cases the summary leaves out as timed on a busy machine."""
     busy = sum(r["busy"] for r in rows)
@@ -199,14 +204,13 @@ def busy_note(rows: Sequence[Dict]) -> str:
 
 def step_table(rows: Sequence[Dict]) -> str:
     """The training steps and their parts, case by case."""
-    def busy(r):
-        return " (busy)" if r["busy"] else ""
     return table(["shape", "dtype", "layout", "step", "floor", "x floor",
                   "kernels x floor", "engine", "engine / floor"],
                  [[f"{r['shape_name']} {shape_str(r['shape'])}", r["dtype"], r["layout"],
                    fmt_time(r["op"]["median"]), fmt_time(r["floor"]["median"]),
-                   fmt_ratio(r["x_floor"]) + busy(r), fmt_ratio(r["kernels_x_floor"]) + busy(r),
-                   fmt_time(r["engine_s"]) + busy(r),
+                   fmt_ratio(r["x_floor"]) + busy_mark(r),
+                   fmt_ratio(r["kernels_x_floor"]) + busy_mark(r),
+                   fmt_time(r["engine_s"]) + busy_mark(r),
                    f"{r['engine_s'] / r['floor']['median']:.2f}"]
                   for r in rows if r["pass_"] == "step"], markdown=True)
 
@@ -222,7 +226,7 @@ def write(out_dir: Path, meta: Dict, rows: Sequence[Dict]) -> None:
                      [[f"{r['shape_name']} {shape_str(r['shape'])}", r["dtype"], r["layout"],
                        r["kind"], r["pass_"], fmt_time(r["op"]["median"]),
                        fmt_time(r["clone"]["median"]), f"{r['bytes_vs_clone']:g}x clone",
-                       fmt_ratio(r["x_floor"]) + (" (busy)" if r["busy"] else "")]
+                       fmt_ratio(r["x_floor"]) + busy_mark(r)]
                       for r in rows], markdown=True)
     load = meta["load_average"], meta["load_average_end"]
     (out_dir / "kernels.md").write_text(
