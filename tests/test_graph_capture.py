@@ -314,14 +314,14 @@ def test_capture_detection_sees_every_onnx_exporter(tmp_path, dynamo):
     is_compiling() does not report it, one private torch flag: if torch moves any of them,
     this fails (while exporting, the frozen op must write plain ops), and jit.trace alone
     must keep the op."""
-    from frozennorm._op.capture import capturing_graph
+    from frozennorm._op.capture import use_composite
     if dynamo:
         pytest.importorskip("onnxscript")
     seen = []
 
     class Probe(nn.Module):
         def forward(self, x):
-            seen.append(capturing_graph())
+            seen.append(use_composite())
             return x * 2
 
     torch.onnx.export(Probe(), (torch.randn(2, 3),), str(tmp_path / "p.onnx"), dynamo=dynamo)
@@ -329,4 +329,4 @@ def test_capture_detection_sees_every_onnx_exporter(tmp_path, dynamo):
     seen.clear()
     torch.jit.trace(Probe(), torch.randn(2, 3))
     assert seen and not any(seen)
-    assert not capturing_graph()
+    assert not use_composite()

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import _loader
-from .rules import (IDENTITY, RELU, RELU6, SILU, as_dtype, channel_view, check_act,
+from .rules import (IDENTITY, RELU, RELU6, SILU, activation_code, as_dtype, channel_view,
+                    check_act,
                     check_act_backward, check_backward, check_forward, compute_dtype,
                     reduce_dims, stats_dtype)
 
@@ -83,11 +84,13 @@ def frozen_bn_backward_fallback(grad_output: Tensor, scale: Tensor) -> Tensor:
 
 
 def apply_activation(a: Tensor, activation: int) -> Tensor:
-    if activation == RELU:
+    """The activation of code ``activation`` (also compiled by TorchScript, which takes no
+    global ints: the codes come from activation_code)."""
+    if activation == activation_code("relu"):
         return torch.relu(a)
-    if activation == RELU6:
+    if activation == activation_code("relu6"):
         return torch.nn.functional.relu6(a)
-    if activation == SILU:
+    if activation == activation_code("silu"):
         return torch.nn.functional.silu(a)
     return a
 

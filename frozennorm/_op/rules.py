@@ -130,6 +130,26 @@ def check_act(input: Tensor, residual: Optional[Tensor], activation: int) -> Non
             f"{list(residual.shape)}")
 
 
+def residual_fits(input: Tensor, residual: Tensor) -> bool:
+    """A residual the fused op adds as it is: the input's shape, dtype and device."""
+    return (residual.dtype == input.dtype and residual.device == input.device
+            and residual.shape == input.shape)
+
+
+def broadcasts_to(input: Tensor, residual: Tensor) -> bool:
+    """A residual of the input's dtype and device whose sum with the input has the input's
+    shape: expanded, the fused op adds it with the same result as the unfused add."""
+    if residual.dtype != input.dtype or residual.device != input.device:
+        return False
+    if residual.dim() > input.dim():
+        return False
+    offset = input.dim() - residual.dim()
+    for i in range(residual.dim()):
+        if residual.shape[i] != 1 and residual.shape[i] != input.shape[offset + i]:
+            return False
+    return True
+
+
 def check_act_backward(grad_output: Tensor, saved: Tensor, scale: Tensor,
                         activation: int) -> torch.dtype:
     acc = check_backward(grad_output, scale)
