@@ -74,16 +74,22 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **kw))
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                activation: str = "identity") -> Tensor:
+                activation: str = "identity", inplace_add: bool = False) -> Tensor:
         """``bn(input)``; with a ``residual`` and/or an ``activation`` ("relu", "relu6",
         "silu"), ``act(bn(input) + residual)`` in the same single pass (how the forwards
-        :func:`frozennorm.fuse` rewrites call it)."""
+        :func:`frozennorm.fuse` rewrites call it; ``inplace_add``: the add was ``+=``, see
+        :func:`frozennorm.frozen_batch_norm_act`)."""
+        return self._normalize(input, residual, activation, inplace_add)
+
+    def _normalize(self, input: Tensor, residual: Optional[Tensor] = None,
+                   activation: str = "identity", inplace_add: bool = False) -> Tensor:
+        """What :meth:`forward` computes (subclasses' forwards call it, also scripted)."""
         self._check_input(input)
         weight, bias, mean, var = self._stats(input)
         if residual is None and activation == "identity":
             return frozen_batch_norm(input, mean, var, weight, bias, self.eps)
         return frozen_batch_norm_act(input, mean, var, weight, bias, self.eps, activation,
-                                     residual)
+                                     residual, inplace_add)
 
     def _stats(self, input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(weight, bias, running_mean, running_var) for this call.
@@ -123,14 +129,15 @@ class FrozenBatchNorm(nn.Module):
                              f"num_features={self.num_features}")
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module) -> "FrozenBatchNorm":
+    def from_batchnorm(cls, bn: nn.Module, eps: Optional[float] = None) -> "FrozenBatchNorm":
         """A frozen copy of any BatchNorm-like module (statistics copied, not aliased).
 
         Accepts ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, their subclasses and any
-        module with ``running_mean``/``running_var`` (and optionally ``weight``/``bias``/
-        ``eps``), such as torchvision's or detectron2's ``FrozenBatchNorm2d``. Device and
-        dtype are kept; ``affine=False`` gives weight 1 and bias 0; a module without ``eps``
-        (apex's contrib FrozenBatchNorm2d) gives eps 0, as it computes.
+        module with ``running_mean``/``running_var`` (and optionally ``weight``/``bias``),
+        such as torchvision's or detectron2's ``FrozenBatchNorm2d``. Device and dtype are
+        kept; ``affine=False`` gives weight 1 and bias 0. ``eps`` is the module's ``eps``
+        attribute unless given; a module without one (HF's ``DetrFrozenBatchNorm2d``
+        hard-codes 1e-5 in its forward, maskrcnn-benchmark's uses none) needs it given.
         """
         mean = getattr(bn, "running_mean", None)
         var = getattr(bn, "running_var", None)
@@ -138,8 +145,14 @@ class FrozenBatchNorm(nn.Module):
             raise ValueError(
                 f"{type(bn).__name__} has no running statistics (track_running_stats=False "
                 f"normalises with batch statistics): there is nothing to freeze")
-        frozen = cls(mean.numel(), eps=float(getattr(bn, "eps", 0.0)),
-                     device=mean.device, dtype=mean.dtype)
+        if eps is None:
+            eps = getattr(bn, "eps", None)
+            if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+                raise ValueError(
+                    f"{type(bn).__name__} has no eps attribute, so its eps (the one its forward "
+                    f"uses: 1e-5 hard-coded in DETR-style layers, none in others) is unknown: "
+                    f"give it, {cls.__name__}.from_batchnorm(bn, eps=...)")
+        frozen = cls(mean.numel(), eps=float(eps), device=mean.device, dtype=mean.dtype)
         weight = getattr(bn, "weight", None)
         bias = getattr(bn, "bias", None)
         with torch.no_grad():
