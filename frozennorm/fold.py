@@ -99,11 +99,11 @@ class IdentityBatchNorm(nn.Module):
                                  persistent=False)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                activation: str = "identity") -> Tensor:
+                activation: str = "identity", inplace_add: bool = False) -> Tensor:
         if residual is None and activation == "identity":
             return input
         return frozen_batch_norm_act(input, self.running_mean, self.running_var, None, None,
-                                     0.0, activation, residual)
+                                     0.0, activation, residual, inplace_add)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, folded into the convolution before it"
@@ -174,13 +174,13 @@ class FoldedFrozenBatchNorm(nn.Module):
         return scale, b["bias"].to(dtype) - b["running_mean"].to(dtype) * scale
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                activation: str = "identity") -> Tensor:
+                activation: str = "identity", inplace_add: bool = False) -> Tensor:
         _check_not_symbolic(self, input)
         _, shift = self.affine(compute_dtype(input.dtype, self._buffers["running_mean"].dtype))
         zeros = torch.zeros_like(shift)
         # (input - 0) / sqrt(1 + 0) + shift: the shift, added with a single rounding
         return frozen_batch_norm_act(input, zeros, zeros + 1.0, None, shift, 0.0, activation,
-                                     residual)
+                                     residual, inplace_add)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -207,8 +207,8 @@ class FoldedFrozenBatchNormAct2d(FoldedFrozenBatchNorm):
             self.add_module(name, source._modules[name])
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                activation: str = "identity") -> Tensor:
-        return bn_act_forward(self, super().forward, input, residual, activation)
+                activation: str = "identity", inplace_add: bool = False) -> Tensor:
+        return bn_act_forward(self, super().forward, input, residual, activation, inplace_add)
 
 
 register_fusable_forward(FoldedFrozenBatchNormAct2d.forward)

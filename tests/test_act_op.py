@@ -213,11 +213,16 @@ class TestActErrors:
             frozen_bn_act(s.x, None, None, None, s.mean, s.var, 1e-5, 7, False)
 
     def test_residual_mismatch(self):
+        """The op takes a residual of the input's shape and dtype only; the functional form
+        adds any other as torch does (below), and fails where torch's add fails."""
         s = make_sample([2, 3, 4], torch.float32)
+        op = torch.ops.frozennorm.frozen_bn_act
         with pytest.raises(RuntimeError, match="residual must have the input's shape"):
-            frozen_batch_norm_act(s.x, s.mean, s.var, residual=torch.randn(2, 3, 5))
+            op(s.x, torch.randn(2, 3, 5), None, None, s.mean, s.var, 1e-5, 1, False)
         with pytest.raises(RuntimeError, match="residual must have the input's dtype"):
-            frozen_batch_norm_act(s.x, s.mean, s.var, residual=torch.randn(2, 3, 4).double())
+            op(s.x, torch.randn(2, 3, 4).double(), None, None, s.mean, s.var, 1e-5, 1, False)
+        with pytest.raises(RuntimeError, match="must match the size"):
+            frozen_batch_norm_act(s.x, s.mean, s.var, residual=torch.randn(2, 3, 5))
 
     def test_statistics_gradients_are_refused(self):
         s = make_sample([2, 3, 4], torch.float32)
