@@ -72,7 +72,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # different statistics on each rank: DDP makes them rank 0's at construction
         torch.manual_seed(0)
         net = randomize_norm_stats_(small_net(), seed=rank)
-        convert_frozen_bn(net, strict=True)
+        convert_frozen_bn(net, trainable_affine=False, strict=True)
         model = ddp(net)
         stats0 = _flat(model.buffers())
         with pytest.raises(TypeError, match="DistributedDataParallel"):

@@ -37,7 +37,7 @@ def seeded():
 def frozen(model: nn.Module, seed: int = 0) -> nn.Module:
     """``model`` with random statistics, converted, in train mode without dropout."""
     randomize_norm_stats_(model, seed=seed)
-    return train_without_dropout(convert_frozen_bn(model, strict=True))
+    return train_without_dropout(convert_frozen_bn(model, trainable_affine=False, strict=True))
 
 
 def tensors(out: Any) -> List[Tensor]:
@@ -142,8 +142,8 @@ def test_mobilenet_v3_fuses_only_supported_activations():
 
 def test_detection_model():
     """The detector's own forward does not trace: what its modules' forwards call is fused."""
-    det = convert_frozen_bn(tvm.detection.fasterrcnn_resnet50_fpn(**DET), strict=True)
-    randomize_norm_stats_(det, seed=0)
+    det = randomize_norm_stats_(tvm.detection.fasterrcnn_resnet50_fpn(**DET), seed=0)
+    det = convert_frozen_bn(det, trainable_affine=False, strict=True)
     fused, rep = fuse(det, report=True)
     assert rep.untraced == [] and fused_forwards(fused)[0] == "backbone.body"
     assert (rep.count(residual=False), rep.count(residual=True)) == (33, 16)

@@ -188,7 +188,7 @@ def test_apex_convert_syncbn_model():
     with torch.no_grad():
         ref = synced.eval()(images())
     # ... and convert_frozen_bn freezes apex's SyncBatchNorm
-    out, rep = convert_frozen_bn(synced, strict=True, report=True)
+    out, rep = convert_frozen_bn(synced, trainable_affine=False, strict=True, report=True)
     assert {r.source for r in rep.converted} == {apex_parallel.SyncBatchNorm}
     assert type(out.bn1) is FrozenBatchNorm and not any(isinstance(m, _BatchNorm) for m in out.modules())
     with torch.no_grad():

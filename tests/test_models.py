@@ -50,7 +50,7 @@ def check_model(model: nn.Module, x: Any, forward: Callable[[nn.Module, Any], An
     n_norm = sum(is_norm(m) for m in model.modules())
     assert n_norm > 0
 
-    converted, rep = convert_frozen_bn(model, strict=True, report=True)
+    converted, rep = convert_frozen_bn(model, trainable_affine=False, strict=True, report=True)
     assert len(rep.converted) == n_norm and rep.skipped == []
     assert not any(isinstance(m, _BatchNorm) for m in converted.modules())
     assert sum(isinstance(m, FrozenBatchNorm) for m in converted.modules()) == n_norm

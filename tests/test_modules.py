@@ -258,7 +258,9 @@ def test_apex_style_module_without_eps():
             return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(1, -1, 1, 1)
 
     src = ApexFrozen()
-    m = FrozenBatchNorm2d.from_batchnorm(src)
+    with pytest.raises(ValueError, match=r"no eps attribute.*from_batchnorm\(bn, eps=\.\.\.\)"):
+        FrozenBatchNorm2d.from_batchnorm(src)
+    m = FrozenBatchNorm2d.from_batchnorm(src, eps=0.0)
     assert m.eps == 0.0
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(m(x), src(x))
