@@ -9,6 +9,7 @@ and the counts of fused sites are checked against the architecture.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -447,3 +448,67 @@ def test_fuse_and_fold_example_runs():
     assert "9 x bn -> relu" in out.stdout and "8 x bn + add -> relu" in out.stdout
     diffs = [float(d) for d in re.findall(r"max difference ([0-9.e+-]+)", out.stdout)]
     assert len(diffs) == 3 and diffs[0] == 0.0 and all(d < 1e-5 for d in diffs), out.stdout
+
+
+class _AddThenAct(nn.Module):
+    """bn(x) combined with ``t`` by one of the adds fuse() takes over, then a ReLU."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.bn, self.relu, self.how = nn.BatchNorm2d(4), nn.ReLU(), how
+
+    def forward(self, x: Tensor, t: Any) -> Tensor:
+        y = self.bn(x)
+        if self.how == "+":
+            y = y + t
+        elif self.how == "+r":
+            y = t + y
+        elif self.how == "+=":
+            y += t
+        elif self.how == "add_":
+            y = y.add_(t)
+        else:
+            y = torch.add(y, t)
+        return self.relu(y)
+
+
+OTHER_OPERANDS = {
+    "same": lambda x: torch.randn(x.shape, dtype=x.dtype),
+    "per-channel": lambda x: torch.randn(2, 4, 1, 1, dtype=x.dtype),
+    "per-column": lambda x: torch.randn(5, dtype=x.dtype),
+    "0-d": lambda x: torch.tensor(0.75, dtype=x.dtype),
+    "float32": lambda x: torch.randn(x.shape),
+    "float64 per-channel": lambda x: torch.randn(1, 4, 1, 1, dtype=torch.float64),
+    "number": lambda x: 0.5,
+    "larger": lambda x: torch.randn((3,) + tuple(x.shape), dtype=x.dtype),
+}
+
+
+@pytest.mark.parametrize("how", ["+", "+r", "+=", "add_", "torch.add"])
+@pytest.mark.parametrize("other", list(OTHER_OPERANDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_add_broadcasts_and_promotes_like_the_original(how, other, dtype):
+    """Whatever the other operand of a fused add (broadcast, promoted, a number), the fused
+    forward computes what the module's own forward does — values, dtype, gradients — and
+    raises where it raises (an in-place add that would have to grow its output)."""
+    model = frozen(_AddThenAct(how))
+    fused, rep = fuse(model, report=True)
+    assert rep.count(residual=True) == 1, rep
+    x = torch.randn(2, 4, 5, 5, dtype=dtype) * 3
+    t = OTHER_OPERANDS[other](x)
+    inputs = [x.detach().requires_grad_()]
+    if isinstance(t, Tensor):
+        inputs.append(t.detach().requires_grad_())
+    try:
+        expected = model(inputs[0] * 1, inputs[1] * 1 if len(inputs) > 1 else t)
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError, match=re.escape(str(e).split("\n")[0])):
+            fused(inputs[0] * 1, inputs[1] * 1 if len(inputs) > 1 else t)
+        return
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), inputs)
+    got = fused(inputs[0] * 1, inputs[1] * 1 if len(inputs) > 1 else t)
+    got_grads = torch.autograd.grad(got.float().square().sum(), inputs)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got, expected)
+    for g, e in zip(got_grads, expected_grads):
+        assert g.dtype == e.dtype and torch.equal(g, e)
