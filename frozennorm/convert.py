@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import fnmatch
 import importlib
+import inspect
 import warnings
 from typing import (Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type,
                     Union, overload)
@@ -594,7 +595,62 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
                        "convert_frozen_bn", "converted",
                        "BatchNorm layer(s) as they are (their statistics still update in train())",
                        review=lambda entries, r: _review_freeze(entries, r, trainable_affine))
+    if rep.converted:
+        _adapt_reparameterizers(result)
     return (result, rep) if report else result
+
+
+# --------------------------------------------------------------------------------------
+# Reparameterizable blocks
+# --------------------------------------------------------------------------------------
+
+_FUSE_BN_TENSOR = "_fuse_bn_tensor"
+
+
+class BatchNormView:
+    """A block's ``_fuse_bn_tensor``, taking frozen layers as the BatchNorm they compute.
+
+    Re-parameterizable blocks (RepVGG's convention, followed by timm's MobileOne, RepVGG,
+    FastViT, GhostNetV2, RepGhost blocks and Ultralytics' RepConv) fold their branches
+    into one conv by handing each branch's BatchNorm to ``_fuse_bn_tensor``, which checks
+    ``isinstance(branch, nn.BatchNorm2d)`` (else an assert, or a silently wrong kernel).
+    :func:`convert_frozen_bn` puts this wrapper on such blocks (the instance; the class is
+    unchanged), so that their reparameterization (timm's ``reparameterize_model``) works
+    on a converted model: each frozen layer passed is seen as an eval-mode
+    ``nn.BatchNorm2d`` with its statistics, weight, bias and eps, the kernel and bias it
+    gives are the original model's. Copies, pickles and ``torch.save`` carry it along.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        original = inspect.getattr_static(type(self.module), _FUSE_BN_TENSOR)
+        args = tuple(_as_batchnorm(a) for a in args)
+        kwargs = {k: _as_batchnorm(v) for k, v in kwargs.items()}
+        if isinstance(original, staticmethod):
+            return original.__func__(*args, **kwargs)
+        if isinstance(original, classmethod):
+            return original.__func__(type(self.module), *args, **kwargs)
+        return original(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return type(self), (self.module,)
+
+
+def _as_batchnorm(value: Any) -> Any:
+    """A frozen layer as the eval-mode ``nn.BatchNorm2d`` it computes; anything else as is."""
+    if not (isinstance(value, FrozenBatchNorm) and type(value).forward in
+            (FrozenBatchNorm.forward, FrozenBatchNormAct2d.forward)):
+        return value
+    return _build_live(nn.BatchNorm2d, value, 0.1, training=False)
+
+
+def _adapt_reparameterizers(root: nn.Module) -> None:
+    for m in root.modules():
+        if (inspect.getattr_static(type(m), _FUSE_BN_TENSOR, None) is not None
+                and not isinstance(m.__dict__.get(_FUSE_BN_TENSOR), BatchNormView)):
+            m.__dict__[_FUSE_BN_TENSOR] = BatchNormView(m)
 
 
 def _is_untrained(module: nn.Module) -> bool:

@@ -88,7 +88,7 @@ def test_resnet18_training_fold_keeps_checkpoints():
 @pytest.mark.slow
 def test_resnet50_inference_and_training_with_fuse():
     model = frozen(tvm.resnet50())
-    deploy, rep = fold_frozen_bn(model.eval(), report=True)
+    deploy, rep = fold_frozen_bn(model.eval(), shift="conv_bias", report=True)
     assert len(rep.folded) == 53 and rep.unfolded == []
     assert not any(isinstance(m, FrozenBatchNorm) for m in deploy.modules())
     assert type(deploy.bn1) is IdentityBatchNorm and deploy.conv1.bias is not None
@@ -107,8 +107,10 @@ def test_resnet50_inference_and_training_with_fuse():
 
 
 def test_inference_shift_on_bn_fuses():
+    """The default inference fold: the conv stays bias-free, the shift stays at the
+    BatchNorm's place, where fuse() merges it with the add and the ReLU after it."""
     model = frozen(tvm.resnet18()).eval()
-    deploy = fold_frozen_bn(model, shift="bn")
+    deploy = fold_frozen_bn(model)
     assert deploy.conv1.bias is None and type(deploy.bn1) is FrozenBatchNorm2d
     assert deploy.bn1.eps == 0.0 and torch.equal(deploy.bn1.running_var, torch.ones(64))
     deploy, rep = fuse(deploy, report=True)
@@ -332,7 +334,7 @@ def test_training_fold_refuses_a_duck_typed_fuser_then_folds_for_inference():
     assert set(bn.statistics()) == {"weight", "bias", "running_mean", "running_var"}
     assert list(trained.state_dict()) == list(model.state_dict())
     # an inference fold completes the training fold; then the fuser is harmless
-    deploy, rep = fold_frozen_bn(trained, report=True)
+    deploy, rep = fold_frozen_bn(trained, shift="conv_bias", report=True)
     assert len(rep.folded) == 2 and type(deploy[0].conv) is nn.Conv2d
     assert type(deploy[0].bn) is IdentityBatchNorm
     with torch.no_grad():

@@ -535,7 +535,7 @@ def test_mmcv_fuse_conv_bn_leaves_frozen_layers_then_fold_frozen_bn():
         after = model(x)
     assert all(torch.equal(a, b) for a, b in zip(after, before))
 
-    folded = frozennorm.fold_frozen_bn(model)
+    folded = frozennorm.fold_frozen_bn(model, shift="conv_bias")
     assert frozen_count(folded) == 0 and frozen_count(model) == RESNET50_BN  # on a copy
     with torch.no_grad():
         assert_close_rel(folded(x), ref, 1e-4)

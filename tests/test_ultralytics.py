@@ -187,7 +187,7 @@ def test_portable_copies_carry_no_frozennorm():
     assert not any("forward" in m.__dict__ for m in plain.modules())
     torch.testing.assert_close(boxes(plain.eval(), X), boxes(model, X), rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="IdentityBatchNorm"):
-        fn_ultralytics.portable(fold_frozen_bn(model))
+        fn_ultralytics.portable(fold_frozen_bn(model, shift="conv_bias"))
 
 
 # --------------------------------------------------------------------------------------
