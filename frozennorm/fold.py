@@ -63,6 +63,8 @@ _STATS = ("weight", "bias", "running_mean", "running_var")
 def _check_not_symbolic(module: nn.Module, input: object) -> None:
     """torch.fx symbolic tracing (its input is a Proxy) cannot record a training fold."""
     if not isinstance(input, Tensor):
+        from .quantization import check_not_quantization_tracing
+        check_not_quantization_tracing(module, input)
         raise fx.proxy.TraceError(
             f"{type(module).__name__} (from fold_frozen_bn(..., 'training')) works from the "
             f"live weights and statistics at each call, which torch.fx symbolic tracing cannot "

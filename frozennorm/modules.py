@@ -111,7 +111,11 @@ class FrozenBatchNorm(nn.Module):
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
-            return  # a torch.fx Proxy: no shape to check (the op checks the traced graph's input)
+            # a torch.fx Proxy: no shape to check (the op checks the traced graph's input)
+            if not torch.jit.is_scripting():
+                from .quantization import check_not_quantization_tracing
+                check_not_quantization_tracing(self, input)
+            return
         lo, hi = self._dims
         ndim = input.dim()
         if ndim < lo or ndim > hi:
