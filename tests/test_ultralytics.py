@@ -180,6 +180,30 @@ def test_freeze_scope():
     assert fn_ultralytics.freeze_scope(None) == fn_ultralytics.freeze_scope(0) == ["model"]
 
 
+def test_repconv_with_an_identity_batchnorm_fuses_after_conversion():
+    """RepConv's _fuse_bn_tensor takes its identity branch only as an nn.BatchNorm2d (a
+    frozen one would raise UnboundLocalError in Ultralytics' fuse()): converted blocks get
+    a view that hands it the BatchNorm the frozen layer computes."""
+    from ultralytics.nn.modules.conv import RepConv
+    torch.manual_seed(0)
+    block = randomize_norm_stats_(RepConv(8, 8, bn=True)).eval()
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        expected = block(x)
+        converted = convert_frozen_bn(copy.deepcopy(block), trainable_affine=False)
+        assert isinstance(converted.bn, FrozenBatchNorm2d)
+        converted.fuse_convs()
+        torch.testing.assert_close(converted.forward_fuse(x), expected, rtol=1e-5, atol=1e-5)
+    from ultralytics.nn.tasks import RTDETRDetectionModel  # RepC3 blocks of RepConv
+    torch.manual_seed(0)
+    model = randomize_norm_stats_(RTDETRDetectionModel("rtdetr-l.yaml", verbose=False)).eval()
+    with torch.no_grad():
+        expected = boxes(copy.deepcopy(model).fuse(verbose=False), X)
+        got = boxes(convert_frozen_bn(copy.deepcopy(model), trainable_affine=False)
+                    .fuse(verbose=False), X)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+
+
 def test_portable_copies_carry_no_frozennorm():
     model = fuse(convert_frozen_bn(yolo_model("yolov8n.yaml")))
     plain = fn_ultralytics.portable(model)
