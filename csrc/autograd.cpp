@@ -65,7 +65,7 @@ class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
       ctx->saved_data["bias_dtype"] =
           bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
       ctx->save_for_backward(
-          {input, weight.has_value() ? *weight : at::Tensor(), mean, var});
+          {scale, input, weight.has_value() ? *weight : at::Tensor(), mean, var});
     } else {
       ctx->save_for_backward({scale});
     }
@@ -84,12 +84,12 @@ class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
               at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const double eps = ctx->saved_data["eps"].toDouble();
-    const at::Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
-    at::ScalarType stats = c10::promoteTypes(mean.scalar_type(), var.scalar_type());
-    if (weight.defined()) stats = c10::promoteTypes(stats, weight.scalar_type());
-    const at::ScalarType acc = compute_dtype(input.scalar_type(), stats);
+    // the forward's scale, weight / sqrt(var + eps) (one rule: the input gradient does not
+    // depend on which statistics require grad)
+    const at::Tensor &scale = saved[0], &input = saved[1], &weight = saved[2], &mean = saved[3],
+                     &var = saved[4];
+    const at::ScalarType acc = scale.scalar_type();
     const at::Tensor invstd = (var.to(acc) + eps).sqrt().reciprocal();
-    const at::Tensor scale = weight.defined() ? invstd * weight.to(acc) : invstd;
     variable_list out(6);
     if (need_input) out[0] = call_backward(grad, scale);
     const auto dims = reduce_dims(input.dim());

@@ -437,3 +437,25 @@ def test_more_than_2_pow_31_elements_cpu():
     assert y[0, 1, 0].item() == -2.0
     assert y[0, 0, -1].item() == 0.0
     del y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("which", ["weight", "bias", "running_mean", "running_var"])
+def test_input_gradient_does_not_depend_on_which_statistics_require_grad(dtype, which):
+    """One rule for the scale: the input gradient is grad * (weight / sqrt(var + eps)), the
+    forward's scale, whether or not a statistic requires grad (the backward once recomputed
+    it as invstd * weight there: two roundings, a third of float32 gradients off by an ulp)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 256, 8, 8, generator=g).to(dtype)
+    grad = torch.randn(4, 256, 8, 8, generator=g).to(dtype)
+    stats = {"weight": torch.randn(256, generator=g), "bias": torch.randn(256, generator=g),
+             "running_mean": torch.randn(256, generator=g),
+             "running_var": torch.rand(256, generator=g) + 0.1}
+
+    def input_grad(requires):
+        xx = x.clone().requires_grad_()
+        s = {k: v.clone().requires_grad_(requires and k == which) for k, v in stats.items()}
+        y = frozennorm.frozen_batch_norm(xx, s["running_mean"], s["running_var"], s["weight"],
+                                         s["bias"])
+        return torch.autograd.grad(y, xx, grad)[0]
+    assert torch.equal(input_grad(True), input_grad(False))

@@ -16,10 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import _loader
-from .rules import (IDENTITY, RELU, RELU6, SILU, activation_code, as_dtype, channel_view,
-                    check_act,
-                    check_act_backward, check_backward, check_forward, compute_dtype,
-                    reduce_dims, stats_dtype)
+from .rules import (IDENTITY, RELU6, SILU, RELU, activation_code, as_dtype, channel_view,
+                    check_act, check_act_backward, check_backward, check_forward, reduce_dims)
 
 _fallback_warned = False
 _compiled = False  # set by register()
@@ -146,7 +144,7 @@ def _frozen_bn_setup_context(ctx, inputs, output):
                          for t in (weight, bias, running_mean, running_var))
     if ctx.stats_grad:
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(input, weight, running_mean, running_var)
+        ctx.save_for_backward(scale, input, weight, running_mean, running_var)
     else:
         ctx.save_for_backward(scale)
 
@@ -160,10 +158,11 @@ def _frozen_bn_backward_formula(ctx, grad_output, _grad_scale):
         grad_input = torch.ops.frozennorm.frozen_bn_backward(grad_output, scale) if needs[0] else None
         return grad_input, None, None, None, None, None
 
-    input, weight, mean, var = ctx.saved_tensors
-    acc = compute_dtype(input.dtype, stats_dtype(weight, mean, var))
+    # the forward's scale (one rule: the input gradient does not depend on which
+    # statistics require grad)
+    scale, input, weight, mean, var = ctx.saved_tensors
+    acc = scale.dtype
     invstd = torch.sqrt(var.to(acc) + ctx.eps).reciprocal()
-    scale = invstd * weight.to(acc) if weight is not None else invstd
     grad_input = torch.ops.frozennorm.frozen_bn_backward(grad_output, scale) if needs[0] else None
     dims = reduce_dims(input.dim())
     g = grad_output.to(acc)
