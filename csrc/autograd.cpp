@@ -84,12 +84,20 @@ class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
               at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const double eps = ctx->saved_data["eps"].toDouble();
-    // the forward's scale, weight / sqrt(var + eps) (one rule: the input gradient does not
-    // depend on which statistics require grad)
-    const at::Tensor &scale = saved[0], &input = saved[1], &weight = saved[2], &mean = saved[3],
-                     &var = saved[4];
-    const at::ScalarType acc = scale.scalar_type();
-    const at::Tensor invstd = (var.to(acc) + eps).sqrt().reciprocal();
+    const at::Tensor &forward_scale = saved[0], &input = saved[1], &weight = saved[2],
+                     &mean = saved[3], &var = saved[4];
+    const at::ScalarType acc = forward_scale.scalar_type();
+    const at::Tensor std = (var.to(acc) + eps).sqrt();
+    const at::Tensor invstd = std.reciprocal();
+    // One rule for the scale: the forward kernel's, whichever statistics require grad. For a
+    // double backward it takes the derivative of ATen's weight / sqrt(var + eps), whose
+    // value may differ from the kernel's by an ulp: that difference is exact (Sterbenz), so
+    // adding it back gives the kernel's value bit for bit.
+    at::Tensor scale = forward_scale;
+    if (at::GradMode::is_enabled()) {
+      const at::Tensor formula = weight.defined() ? weight.to(acc) / std : invstd;
+      scale = formula + (forward_scale - formula.detach());
+    }
     variable_list out(6);
     if (need_input) out[0] = call_backward(grad, scale);
     const auto dims = reduce_dims(input.dim());

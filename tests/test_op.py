@@ -452,10 +452,12 @@ def test_input_gradient_does_not_depend_on_which_statistics_require_grad(dtype, 
              "running_mean": torch.randn(256, generator=g),
              "running_var": torch.rand(256, generator=g) + 0.1}
 
-    def input_grad(requires):
+    def input_grad(requires, create_graph=False):
         xx = x.clone().requires_grad_()
         s = {k: v.clone().requires_grad_(requires and k == which) for k, v in stats.items()}
         y = frozennorm.frozen_batch_norm(xx, s["running_mean"], s["running_var"], s["weight"],
                                          s["bias"])
-        return torch.autograd.grad(y, xx, grad)[0]
-    assert torch.equal(input_grad(True), input_grad(False))
+        return torch.autograd.grad(y, xx, grad, create_graph=create_graph)[0].detach()
+    expected = input_grad(False)
+    assert torch.equal(input_grad(True), expected)
+    assert torch.equal(input_grad(True, create_graph=True), expected)  # (double backward)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _loader
-from .rules import (IDENTITY, RELU6, SILU, RELU, activation_code, as_dtype, channel_view,
+from .rules import (IDENTITY, RELU, RELU6, SILU, activation_code, as_dtype, channel_view,
                     check_act, check_act_backward, check_backward, check_forward, reduce_dims)
 
 _fallback_warned = False
@@ -158,11 +158,15 @@ def _frozen_bn_backward_formula(ctx, grad_output, _grad_scale):
         grad_input = torch.ops.frozennorm.frozen_bn_backward(grad_output, scale) if needs[0] else None
         return grad_input, None, None, None, None, None
 
-    # the forward's scale (one rule: the input gradient does not depend on which
-    # statistics require grad)
-    scale, input, weight, mean, var = ctx.saved_tensors
-    acc = scale.dtype
+    # one rule for the scale: the forward's, whichever statistics require grad, with the
+    # formula's derivative for a double backward (csrc/autograd.cpp says why this is exact)
+    forward_scale, input, weight, mean, var = ctx.saved_tensors
+    acc = forward_scale.dtype
     invstd = torch.sqrt(var.to(acc) + ctx.eps).reciprocal()
+    scale = forward_scale
+    if torch.is_grad_enabled():
+        formula = channel_scale(weight, var, ctx.eps, acc)
+        scale = formula + (forward_scale - formula.detach())
     grad_input = torch.ops.frozennorm.frozen_bn_backward(grad_output, scale) if needs[0] else None
     dims = reduce_dims(input.dim())
     g = grad_output.to(acc)
