@@ -113,8 +113,7 @@ class FrozenBatchNorm(nn.Module):
         if not isinstance(input, Tensor):
             # a torch.fx Proxy: no shape to check (the op checks the traced graph's input)
             if not torch.jit.is_scripting():
-                from .quantization import check_not_quantization_tracing
-                check_not_quantization_tracing(self, input)
+                _check_traced(self, input)
             return
         lo, hi = self._dims
         ndim = input.dim()
@@ -223,6 +222,12 @@ class FrozenBatchNorm3d(FrozenBatchNorm):
     """Frozen ``nn.BatchNorm3d``: inputs ``(N, C, D, H, W)``, any memory format."""
 
     _input_dims = (5, 5)
+
+
+def _check_traced(module: nn.Module, proxy: object) -> None:
+    """What a frozen module checks when torch.fx traces through it (quantization.py)."""
+    from .quantization import check_not_quantization_tracing
+    check_not_quantization_tracing(module, proxy)
 
 
 def looks_frozen(module: nn.Module) -> bool:

@@ -44,6 +44,10 @@ SCHEMAS = {
     "frozen_bn_act_backward": "frozen_bn_act_backward(Tensor grad_output, Tensor saved, "
                               "Tensor scale, int activation, bool residual_grad) "
                               "-> (Tensor, Tensor)",
+    "frozen_bn_affine_backward": "frozen_bn_affine_backward(Tensor grad_output, Tensor input, "
+                                 "Tensor? saved, Tensor running_mean, Tensor scale, "
+                                 "int activation, bool input_grad, bool residual_grad) "
+                                 "-> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 #: True when the compiled C++/CUDA kernels are registered.

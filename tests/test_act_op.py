@@ -224,10 +224,29 @@ class TestActErrors:
         with pytest.raises(RuntimeError, match="must match the size"):
             frozen_batch_norm_act(s.x, s.mean, s.var, residual=torch.randn(2, 3, 5))
 
-    def test_statistics_gradients_are_refused(self):
-        s = make_sample([2, 3, 4], torch.float32)
-        with pytest.raises(RuntimeError, match="differentiates the input and the residual only"):
-            frozen_batch_norm_act(s.x, s.mean, s.var.requires_grad_(), activation="relu")
+    @pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu"])
+    @pytest.mark.parametrize("with_residual", [False, True])
+    def test_statistics_gradients(self, activation, with_residual):
+        """Weight, bias and the statistics (trainable affine parameters, functional use) get
+        their gradients through the fused op, with the input's and the residual's."""
+        g = torch.Generator().manual_seed(3)
+        x = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g) * 3).requires_grad_()
+        stats = [torch.randn(3, dtype=torch.float64, generator=g).requires_grad_(),
+                 (torch.rand(3, dtype=torch.float64, generator=g) + 0.5).requires_grad_(),
+                 torch.randn(3, dtype=torch.float64, generator=g).requires_grad_(),
+                 torch.randn(3, dtype=torch.float64, generator=g).requires_grad_()]
+        extra = ([torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g).requires_grad_()]
+                 if with_residual else [])
+
+        def f(x, mean, var, w, b, *r):
+            return frozen_batch_norm_act(x, mean, var, w, b, 1e-3, activation, r[0] if r else None)
+        assert torch.autograd.gradcheck(f, [x] + stats + extra)
+        # any subset (absent optional arguments shift the op's autograd edges)
+        for absent in ([2], [3], [2, 3]):
+            args = [x] + [None if i in absent else t for i, t in enumerate(stats)]
+            y = frozen_batch_norm_act(*args, 1e-3, activation)
+            grads = torch.autograd.grad(y.sum(), [t for t in args if t is not None])
+            assert all(gr is not None for gr in grads)
 
     def test_double_backward_is_a_clear_error(self):
         s = make_sample([2, 3, 4], torch.float64)

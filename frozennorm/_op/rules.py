@@ -163,6 +163,27 @@ def check_act_backward(grad_output: Tensor, saved: Tensor, scale: Tensor,
     return acc
 
 
+def check_affine_backward(grad_output: Tensor, input: Tensor, saved: Optional[Tensor],
+                          running_mean: Tensor, scale: Tensor, activation: int) -> torch.dtype:
+    op = "frozen_bn_affine_backward"
+    acc = check_backward(grad_output, scale)
+    if activation not in (IDENTITY, RELU, RELU6, SILU):
+        raise RuntimeError(f"{op}: activation must be 0..3, got {activation}")
+    for t, name in ((input, "input"), (saved, "saved")):
+        if t is None:
+            continue
+        if t.shape != grad_output.shape or t.dtype != grad_output.dtype or t.device != grad_output.device:
+            raise RuntimeError(
+                f"{op}: {name} must have grad_output's shape {list(grad_output.shape)}, dtype "
+                f"{grad_output.dtype} and device {grad_output.device}; got "
+                f"{list(t.shape)} {t.dtype} on {t.device}")
+    if activation != IDENTITY and saved is None:
+        raise RuntimeError(f"{op}: saved (the forward's output, or pre-activation for SiLU) is "
+                           f"needed for activation {activation}")
+    check_stat(running_mean, "running_mean", grad_output, op)
+    return acc
+
+
 def channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view([1, -1] + [1] * (ndim - 2))
 
