@@ -64,7 +64,7 @@ def _two_forwards_one_backward(model: nn.Module, rank: int) -> None:
     loss.backward()
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, trainable_affine: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
@@ -72,16 +72,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # different statistics on each rank: DDP makes them rank 0's at construction
         torch.manual_seed(0)
         net = randomize_norm_stats_(small_net(), seed=rank)
-        convert_frozen_bn(net, trainable_affine=False, strict=True)
+        convert_frozen_bn(net, trainable_affine=trainable_affine, strict=True)
         model = ddp(net)
         stats0 = _flat(model.buffers())
         with pytest.raises(TypeError, match="DistributedDataParallel"):
             convert_frozen_bn(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         model.train()
+        affine = [p for m in net.modules() if isinstance(m, FrozenBatchNorm)
+                  for p in m.parameters(recurse=False)]
+        affine0 = _flat(affine) if affine else torch.zeros(0)
+        grads_equal = True
         for _ in range(2):
             opt.zero_grad()
-            _two_forwards_one_backward(model, rank)
+            _two_forwards_one_backward(model, rank)  # (different data on each rank)
+            if affine:  # all-reduced: the same averaged gradients on every rank
+                grads_equal &= _all_equal(_flat(p.grad for p in affine))
             opt.step()
         assert_frozen(model)
         stats = _flat(model.buffers())
@@ -91,6 +97,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "stats_unchanged": torch.equal(stats, stats0),
             "params_equal_across_ranks": _all_equal(params),
             "frozen_layers": sum(isinstance(m, FrozenBatchNorm) for m in net.modules()),
+            "affine_parameters": len(affine),
+            "affine_grads_equal_across_ranks": grads_equal,
+            "affine_trained": bool(affine) and not torch.equal(_flat(affine), affine0),
         }
 
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -108,13 +117,20 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_broadcast_buffers_two_forwards_one_backward(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("trainable_affine", [False, True])
+def test_ddp_broadcast_buffers_two_forwards_one_backward(tmp_path, trainable_affine):
+    """Fully frozen, and with trainable weight/bias (their gradients all-reduced, the
+    statistics untouched)."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), trainable_affine), nprocs=WORLD,
+             join=True)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["frozen_layers"] == 4
         assert result["stats_equal_across_ranks"] and result["stats_unchanged"]
         assert result["params_equal_across_ranks"]
+        assert result["affine_parameters"] == (8 if trainable_affine else 0)
+        if trainable_affine:
+            assert result["affine_grads_equal_across_ranks"] and result["affine_trained"]
 
 
 @pytest.mark.parametrize("frozen", [False, True])
@@ -138,3 +154,64 @@ def test_in_place_buffer_writes_between_forwards(frozen):
     else:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             (y1.sum() + y2.sum()).backward()
+
+
+def _fsdp2_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = randomize_norm_stats_(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
+    return convert_frozen_bn(net, trainable_affine=True)
+
+
+def _fsdp2_batch(rank: int) -> torch.Tensor:
+    return torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(7 + rank))
+
+
+def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        net = _fsdp2_net()
+        stats0 = _flat(net.buffers())
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for m in net:
+            if isinstance(m, FrozenBatchNorm):
+                fully_shard(m, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            net.train()(_fsdp2_batch(rank)).square().mean().backward()
+            opt.step()
+        full = {n: p.full_tensor().detach() for n, p in net.named_parameters()}
+        torch.save({"params": full, "stats_unchanged": torch.equal(_flat(net.buffers()), stats0)},
+                   Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_and_trains_the_affine_parameters(tmp_path):
+    """FSDP2 (fully_shard, gloo, CPU): the trainable weight/bias are sharded and trained like
+    any parameter (the same result as one process on both ranks' data), the statistics
+    untouched."""
+    pytest.importorskip("torch.distributed.fsdp")
+    mp.spawn(_fsdp2_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    reference = _fsdp2_net()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    batch = torch.cat([_fsdp2_batch(r) for r in range(WORLD)])
+    for _ in range(2):
+        opt.zero_grad()
+        reference.train()(batch).square().mean().backward()
+        opt.step()
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["stats_unchanged"]
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(result["params"][name], p.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=name)

@@ -165,7 +165,10 @@ def _save_statistics(ctx, scale, saved, input, weight, bias, running_mean, runni
     ctx.eps = eps
     if ctx.stats_grad:
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(scale, saved, input, weight, running_mean, running_var)
+        # (copies of the running statistics unless they require grad: DDP overwrites module
+        # buffers in place between forwards)
+        kept = [t if t.requires_grad else t.detach().clone() for t in (running_mean, running_var)]
+        ctx.save_for_backward(scale, saved, input, weight, *kept)
     else:
         ctx.save_for_backward(scale, saved)
     return ctx.stats_grad
