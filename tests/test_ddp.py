@@ -133,15 +133,15 @@ def test_ddp_broadcast_buffers_two_forwards_one_backward(tmp_path, trainable_aff
             assert result["affine_grads_equal_across_ranks"] and result["affine_trained"]
 
 
-@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("frozen", [False, True, "trainable affine"])
 def test_in_place_buffer_writes_between_forwards(frozen):
     """What older DDP's broadcast did, in one process: the buffers are overwritten in place
     between two forwards, then one backward. An eval-mode nn.BatchNorm2d's backward saved
-    them and fails; frozennorm's does not."""
+    them and fails; frozennorm's does not (with trainable weight/bias it keeps copies)."""
     torch.manual_seed(0)
     model = randomize_norm_stats_(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
     if frozen:
-        convert_frozen_bn(model).train()
+        convert_frozen_bn(model, trainable_affine=frozen == "trainable affine").train()
     x = torch.randn(2, 3, 4, 4)
     y1 = model(x)
     with torch.no_grad():
@@ -151,6 +151,7 @@ def test_in_place_buffer_writes_between_forwards(frozen):
     if frozen:
         (y1.sum() + y2.sum()).backward()
         assert model[0].weight.grad is not None
+        assert (model[1].weight.grad is not None) == (frozen == "trainable affine")
     else:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             (y1.sum() + y2.sum()).backward()
