@@ -565,7 +565,7 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
             frozen buffers whatever this says). ``None`` (default) and ``False``: frozen
             buffers too (torchvision's and detectron2's recipe); ``None`` warns where they
             required grad, ``False`` says that this is meant. ``True``: trainable
-            ``nn.Parameter``\ s (the layer's own Parameter objects, so an optimizer that
+            ``nn.Parameter`` objects (the layer's own ones, so an optimizer that
             holds them keeps working). ``"source"``: each layer's own weight and bias
             Parameters as they are, trainable where they required grad (mmdet's
             ``norm_cfg=dict(type="BN", requires_grad=True), norm_eval=True`` recipe, and

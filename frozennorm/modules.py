@@ -36,7 +36,7 @@ class FrozenBatchNorm(nn.Module):
     ``train()`` and ``eval()`` change nothing, an optimizer never sees them, and gradients
     flow to the input only. With ``trainable_affine=True`` (mmdet's default recipe:
     ``norm_eval=True`` with ``requires_grad=True``) ``weight`` and ``bias`` are
-    ``nn.Parameter``\ s, trained by the optimizer, while the running statistics stay
+    ``nn.Parameter`` objects, trained by the optimizer, while the running statistics stay
     buffers that nothing updates; the backward then also returns their gradients, in the
     same single pass. It is not a ``_BatchNorm`` subclass, so
     ``nn.SyncBatchNorm.convert_sync_batchnorm``, apex and mmdet's ``norm_eval`` leave it
