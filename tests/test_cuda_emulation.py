@@ -10,6 +10,7 @@ grid are checked for tensors of any size. tests/cuda_emulation/mutations.py show
 checks failing on planted bugs; tests/test_cuda.py runs the real kernels on a GPU.
 """
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ from oracle import (DTYPES, LAYOUTS, assert_close_to_exact, compute_eps, is_dens
 
 ROOT = Path(__file__).resolve().parents[1]
 cpu_ops = torch.ops.frozennorm
+
+def dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
 
 # The emulated device: one resident block (every grid-stride loop wraps), a few, or an H100's
 # 132 SMs x 2.
@@ -42,7 +47,9 @@ def emu():
             sources=[str(ROOT / "tests" / "cuda_emulation" / "emulation.cpp"),
                      str(ROOT / "csrc" / "common.cpp")],
             extra_include_paths=[str(ROOT / "csrc")],
-            extra_cflags=["-O2"], is_python_module=False, verbose=False)
+            # (the mutation harness builds its copies with -O0: quicker to compile)
+            extra_cflags=[os.environ.get("FROZENNORM_EMULATION_CFLAGS", "-O2")],
+            is_python_module=False, verbose=False)
     except (RuntimeError, OSError) as e:  # no compiler
         pytest.skip(f"cannot build the CUDA emulation: {e}")
     ops = torch.ops.frozennorm_emu
@@ -141,7 +148,7 @@ SHAPES = [[2, 3, 5, 7], [3, 64, 1, 1], [4, 24, 3, 3], [2, 5, 2, 2], [5, 7], [2, 
           [2, 8, 33, 17], [3, 24, 7, 7], [2, 64, 9, 9], [2, 8, 9, 16]]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_layouts(emu, dtype, layout, shape):
@@ -161,7 +168,7 @@ def misaligned(shape, dtype, offset, channels_last=False):
     return base.view(N, *rest, C).movedim(-1, 1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("offset", [1, 2, 3, 4])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_emulated_misaligned_inputs_use_narrower_vectors(emu, dtype, offset, channels_last):
@@ -217,14 +224,18 @@ PLANS = {
                                 "rows vec=8 unroll=4 index=32 grid=1x264 block=32x8"),
     # strided: one element per thread and step, 1024 per block and step
     "sliced fp32": (meta([2, 8, 9, 16], torch.float32, strides=[2 * 8 * 9 * 16, 2 * 9 * 16, 2 * 16, 2]),
-                    "strided vec=1 unroll=4 index=32 grid=3x1 block=256x1"),
+                    "strided vec=1 unroll=4 index=32 dims=3 grid=3x1 block=256x1"),
+    "every other row and column fp32": (meta([2, 8, 9, 16], torch.float32, strides=[4608, 576, 64, 2]),
+                                        "strided vec=1 unroll=4 index=32 dims=4 grid=3x1 block=256x1"),
+    "6-d, every dim sliced": (meta([2, 3, 2, 2, 2, 2], torch.float32, strides=[3072, 512, 128, 32, 8, 2]),
+                              "strided vec=1 unroll=4 index=32 dims=8 grid=1x1 block=256x1"),
     # 64-bit index math: more than 2^31 - 1 elements, or offsets past it
     "nchw fp16 2^31 + 16 elements": (meta([1, 2, 2**30 + 8]), "planes vec=8 unroll=4 index=64 grid=264x1 block=256x1"),
     "nchw fp16 2^31 - 1 elements": (meta([1, 1, 2**31 - 1]), "planes vec=8 unroll=4 index=32 grid=264x1 block=256x1"),
     "cl fp16 > 2^31 elements": (meta([1, 2**16 + 8, 2**15 + 8, 1], channels_last=True),
                                 "rows vec=8 unroll=4 index=64 grid=257x1 block=32x8"),
     "strided, offsets past 2^31": (meta([2, 4, 8], torch.float32, strides=[2**31, 8, 1]),
-                                   "strided vec=1 unroll=4 index=64 grid=1x1 block=256x1"),
+                                   "strided vec=1 unroll=4 index=64 dims=3 grid=1x1 block=256x1"),
 }
 
 
@@ -250,6 +261,24 @@ def test_launch_plan_empty_and_no_channels(emu):
     assert log == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("view", ["rows and columns", "6-d", "channels and rows", "2-d"])
+def test_emulated_strided_dims(emu, dtype, view):
+    """Non-dense inputs of 2 to 6 dimensions after merging (the kernels of 3, 4 and 8)."""
+    shape, index = {"rows and columns": ([2, 8, 9, 16], (slice(None), slice(None), slice(None, None, 2),
+                                                         slice(None, None, 2))),
+                    "6-d": ([2, 3, 2, 2, 2, 2], (slice(None, None, 2),) * 6),
+                    "channels and rows": ([3, 5, 7, 6], (slice(None), slice(1, None, 2), slice(None, None, 3))),
+                    "2-d": ([9, 7], (slice(None), slice(None, None, 2)))}[view]
+    big = [3 * d + 2 for d in shape]
+    x = torch.randn(big, dtype=torch.float64).to(dtype)[index][tuple(slice(0, d) for d in shape)]
+    assert list(x.shape) == shape and not is_dense(x)
+    s = make_sample(shape, dtype, seed=13)
+    s.x = x
+    run_and_check(emu, s, max_blocks=1, seed=3)
+    run_and_check(emu, s, max_blocks=2, seed=4, index64=True)
+
+
 def test_emulated_many_dims_fall_back(emu):
     """More than 8 non-mergeable strided dims: copied to dense first (still correct)."""
     shape = [2, 3] + [2] * 8
@@ -259,6 +288,17 @@ def test_emulated_many_dims_fall_back(emu):
     (y, _), log = run(emu, emu.frozen_bn, *s.args())
     assert [line.split()[0] for line in log] == ["params", "planes"]  # the copy to dense is ATen's
     assert_same_bits(y, cpu_ops.frozen_bn(*s.args())[0], "output")
+
+
+def test_blocks_and_threads_run_in_a_random_order(emu):
+    """What the kernels must not depend on: a dependence between blocks (or threads) of one
+    launch shows as a failure under some seed instead of passing in launch order."""
+    orders = [emu.execution_order(64, seed) for seed in (1, 2)]
+    for blocks, threads in orders:
+        assert sorted(blocks) == list(range(64)) and blocks != sorted(blocks)
+        assert sorted(threads) == list(range(256)) and threads != sorted(threads)
+    assert orders[0] != orders[1]
+    assert emu.execution_order(64, 1) == orders[0]  # seeded: a failure reproduces
 
 
 @pytest.mark.parametrize("bits,divisor", [(b, d) for b in (32, 64) for d in
@@ -282,7 +322,7 @@ def within_two_ulps(a, b):
     return torch.allclose(a.double(), b.double(), rtol=max(2 * torch.finfo(a.dtype).eps, 1e-5), atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("shape", [[2, 8, 5, 7], [3, 16, 4, 4], [4, 6], [2, 5, 1, 3], [0, 4, 3],
                                    [2, 12, 7, 5]])

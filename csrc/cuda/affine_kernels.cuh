@@ -186,12 +186,12 @@ struct PlanesKernel {
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
         const index_t v = base + k * threads;
-        if (v < nvec) op.template load<VEC>(v * VEC, r[k]);
+        if (FROZENNORM_LIKELY(v < nvec)) op.template load<VEC>(v * VEC, r[k]);
       }
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
         const index_t v = base + k * threads;
-        if (v < nvec) {
+        if (FROZENNORM_LIKELY(v < nvec)) {
           apply<VEC>(v * VEC, r[k]);
           op.template store<VEC>(v * VEC, r[k]);
         }
@@ -215,7 +215,7 @@ struct PlanesKernel {
     index_t pos = i - q * plane.d;   // its position in that plane
     index_t c = q - channels.div(q) * C;
     P p = src(c);
-    if (pos + N <= plane.d) {
+    if (FROZENNORM_LIKELY(pos + N <= plane.d)) {
 #pragma unroll
       for (int j = 0; j < N; ++j) op.template apply<N>(r, j, p);
     } else {  // the vector runs into the next plane(s)
@@ -258,11 +258,11 @@ struct RowsKernel {
       for (int k = 0; k < UNROLL; ++k) {
         const index_t row = base + k * threads;
         at[k] = row * C + first;
-        if (row < rows) op.template load<VEC>(at[k], r[k]);
+        if (FROZENNORM_LIKELY(row < rows)) op.template load<VEC>(at[k], r[k]);
       }
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
-        if (base + k * threads < rows) {
+        if (FROZENNORM_LIKELY(base + k * threads < rows)) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) op.template apply<VEC>(r[k], j, p[j]);
           op.template store<VEC>(at[k], r[k]);
@@ -276,40 +276,38 @@ constexpr int kMaxStridedDims = 8;
 
 // An N-d iteration over a dense output, outermost dimension first (so element e of the
 // iteration is the output's element at offset e): each dimension's size (as a divider) and
-// the input's stride along it.
-template <typename index_t>
+// the input's stride along it. NDIM dimensions exactly (a shorter iteration is padded with
+// size-1 dimensions on the outer side), so that the index math unrolls without tests.
+template <int NDIM, typename index_t>
 struct StridedGeometry {
-  int ndim;         // >= 1
   int channel_dim;  // the position of the tensor's dim 1 in this order; -1 if dropped (C == 1)
-  Divider<index_t> sizes[kMaxStridedDims];
-  index_t in_strides[kMaxStridedDims];
+  Divider<index_t> sizes[NDIM];
+  index_t in_strides[NDIM];
 
   // The input offset of iteration element e, and its channel.
   FROZENNORM_HD index_t offset(index_t e, index_t& channel) const {
     index_t rem = e, off = 0;
     channel = 0;
 #pragma unroll
-    for (int d = kMaxStridedDims - 1; d > 0; --d) {
-      if (d < ndim) {
-        const index_t q = sizes[d].div(rem);
-        const index_t coord = rem - q * sizes[d].d;
-        off += coord * in_strides[d];
-        if (d == channel_dim) channel = coord;
-        rem = q;
-      }
+    for (int d = NDIM - 1; d > 0; --d) {
+      const index_t q = sizes[d].div(rem);
+      const index_t coord = rem - q * sizes[d].d;
+      off += coord * in_strides[d];
+      if (d == channel_dim) channel = coord;
+      rem = q;
     }
     if (channel_dim == 0) channel = rem;  // the outermost coordinate needs no division
     return off + rem * in_strides[0];
   }
 };
 
-template <int UNROLL, typename index_t, typename Op, typename Src>
+template <int NDIM, int UNROLL, typename index_t, typename Op, typename Src>
 struct StridedKernel {
   static constexpr const char* kName = "strided";
-  static constexpr int kVec = 1, kUnroll = UNROLL, kIndexBits = 8 * sizeof(index_t);
+  static constexpr int kVec = 1, kUnroll = UNROLL, kIndexBits = 8 * sizeof(index_t), kDims = NDIM;
   Op op;
   Src src;
-  StridedGeometry<index_t> geo;
+  StridedGeometry<NDIM, index_t> geo;
   index_t numel;
 
   FROZENNORM_HD void operator()(const ThreadIdx& t) const {
@@ -322,12 +320,12 @@ struct StridedKernel {
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
         const index_t e = base + k * threads;
-        if (e < numel) op.template load<1>(geo.offset(e, channel[k]), r[k]);
+        if (FROZENNORM_LIKELY(e < numel)) op.template load<1>(geo.offset(e, channel[k]), r[k]);
       }
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
         const index_t e = base + k * threads;
-        if (e < numel) {
+        if (FROZENNORM_LIKELY(e < numel)) {
           op.template apply<1>(r[k], 0, src(channel[k]));
           op.template store<1>(e, r[k]);
         }

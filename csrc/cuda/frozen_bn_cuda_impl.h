@@ -176,16 +176,28 @@ inline bool strided_shape(const at::Tensor& in, const at::Tensor& out, StridedSh
   return true;
 }
 
-template <typename index_t>
-StridedGeometry<index_t> strided_geometry(const StridedShape& s) {
-  StridedGeometry<index_t> g{};
-  g.ndim = s.ndim;
-  g.channel_dim = s.channel_dim;
-  for (int d = 0; d < s.ndim; ++d) {
-    g.sizes[d] = Divider<index_t>(static_cast<index_t>(s.sizes[d]));
-    g.in_strides[d] = static_cast<index_t>(s.in_strides[d]);
+// The geometry of NDIM >= s.ndim dimensions: s's, after NDIM - s.ndim outer ones of size 1.
+template <int NDIM, typename index_t>
+StridedGeometry<NDIM, index_t> strided_geometry(const StridedShape& s) {
+  StridedGeometry<NDIM, index_t> g{};
+  const int pad = NDIM - s.ndim;
+  g.channel_dim = s.channel_dim < 0 ? -1 : s.channel_dim + pad;
+  for (int d = 0; d < NDIM; ++d) {
+    const bool real = d >= pad;
+    g.sizes[d] = Divider<index_t>(static_cast<index_t>(real ? s.sizes[d - pad] : 1));
+    g.in_strides[d] = static_cast<index_t>(real ? s.in_strides[d - pad] : 0);
   }
   return g;
+}
+
+// Calls f(std::integral_constant<int, NDIM>{}) for the kernel of an iteration of `ndim`
+// dimensions: exactly 3 or 4 (a channel slice or an expanded gradient; every other column of
+// NCHW), else the smallest of 3 or kMaxStridedDims that holds them.
+template <typename F>
+void dispatch_dims(int ndim, const F& f) {
+  if (ndim <= 3) return f(std::integral_constant<int, 3>{});
+  if (ndim == 4) return f(std::integral_constant<int, 4>{});
+  f(std::integral_constant<int, kMaxStridedDims>{});
 }
 
 // out = op(in) with per-channel parameters from `src`; `out` is empty_like(in), in has
@@ -203,12 +215,15 @@ void launch_affine(Launcher& L, const at::Tensor& in, const at::Tensor& out, con
     return launch_affine<scalar_t, acc_t, kShift>(L, in.contiguous(), out, src, C);
   }
   dispatch_index(use_32bit_index(L, in), [&](auto index_tag) {
-    using index_t = decltype(index_tag);
-    using K = StridedKernel<Op::kUnroll, index_t, Op, Src>;
-    const int64_t numel = in.numel();
-    const int64_t blocks = std::min(ceil_div(numel, kThreads * Op::kUnroll), L.template max_blocks<K>());
-    L.launch({grid_dim(blocks, kMaxGridX), 1}, {kThreads, 1},
-             K{op, src, strided_geometry<index_t>(shape), static_cast<index_t>(numel)});
+    dispatch_dims(shape.ndim, [&](auto dims_tag) {
+      using index_t = decltype(index_tag);
+      constexpr int NDIM = decltype(dims_tag)::value;
+      using K = StridedKernel<NDIM, Op::kUnroll, index_t, Op, Src>;
+      const int64_t numel = in.numel();
+      const int64_t blocks = std::min(ceil_div(numel, kThreads * Op::kUnroll), L.template max_blocks<K>());
+      L.launch({grid_dim(blocks, kMaxGridX), 1}, {kThreads, 1},
+               K{op, src, strided_geometry<NDIM, index_t>(shape), static_cast<index_t>(numel)});
+    });
   });
 }
 

@@ -25,6 +25,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace frozennorm::cuda {
@@ -176,11 +177,18 @@ void on_access(const void* p, size_t bytes, bool store) {
 
 namespace {
 
+// The dimensions a strided kernel unrolls (0: not a strided kernel).
+template <typename K, typename = void>
+struct DimsOf : std::integral_constant<int, 0> {};
+template <typename K>
+struct DimsOf<K, std::void_t<decltype(K::kDims)>> : std::integral_constant<int, K::kDims> {};
+
 template <typename K>
 std::string describe(Dim2 grid, Dim2 block) {
   std::ostringstream s;
-  s << K::kName << " vec=" << K::kVec << " unroll=" << K::kUnroll << " index=" << K::kIndexBits << " grid=" << grid.x << "x"
-    << grid.y << " block=" << block.x << "x" << block.y;
+  s << K::kName << " vec=" << K::kVec << " unroll=" << K::kUnroll << " index=" << K::kIndexBits;
+  if (DimsOf<K>::value) s << " dims=" << DimsOf<K>::value;
+  s << " grid=" << grid.x << "x" << grid.y << " block=" << block.x << "x" << block.y;
   return s.str();
 }
 
@@ -318,6 +326,27 @@ std::vector<std::string> launch_log() {
   return settings().log;
 }
 
+// The order in which the emulated device runs the blocks of a (blocks x 1) grid and the
+// threads of its first block: the kernels must not depend on it.
+struct OrderProbe {
+  static constexpr const char* kName = "order-probe";
+  static constexpr int kVec = 1, kUnroll = 1, kIndexBits = 32;
+  std::vector<int64_t>* blocks;
+  std::vector<int64_t>* threads;
+  void operator()(const ThreadIdx& t) const {
+    if (t.thread.x == 0 && t.thread.y == 0) blocks->push_back(t.block.x);
+    if (t.block.x == 0) threads->push_back(t.thread.y * t.block_dim.x + t.thread.x);
+  }
+};
+
+std::tuple<std::vector<int64_t>, std::vector<int64_t>> execution_order(int64_t blocks, int64_t seed) {
+  std::vector<int64_t> b, t;
+  configure(settings().max_blocks, seed, settings().index64_only);
+  EmulatedLauncher launcher{true};
+  launcher.launch({static_cast<uint32_t>(blocks), 1}, {kThreads, 1}, OrderProbe{&b, &t});
+  return {b, t};
+}
+
 // Number of n in [0, n_max) and [n_high - n_max, n_high] where the divider disagrees with
 // `/` (bits: 32 or 64, the index type).
 int64_t divider_mismatches(int64_t bits, int64_t divisor, int64_t n_max, int64_t n_high) {
@@ -352,6 +381,7 @@ TORCH_LIBRARY(frozennorm_emu, m) {
   m.def("configure(int max_blocks, int seed, bool index64_only) -> int");
   m.def("launch_log() -> str[]");
   m.def("divider_mismatches(int bits, int divisor, int n_max, int n_high) -> int");
+  m.def("execution_order(int blocks, int seed) -> (int[], int[])");
 }
 
 TORCH_LIBRARY_IMPL(frozennorm_emu, CPU, m) {
@@ -372,4 +402,5 @@ TORCH_LIBRARY_IMPL(frozennorm_emu, CatchAll, m) {
   m.impl("configure", &frozennorm::cuda::configure);
   m.impl("launch_log", &frozennorm::cuda::launch_log);
   m.impl("divider_mismatches", &frozennorm::cuda::divider_mismatches);
+  m.impl("execution_order", &frozennorm::cuda::execution_order);
 }
