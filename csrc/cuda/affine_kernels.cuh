@@ -3,7 +3,8 @@
 //  * ParamsKernel  — the forward's first launch: every channel's scale = weight /
 //    sqrt(var + eps), rounded once in acc_t (the forward's second output), and the channel's
 //    {mean, scale, shift} in a table that the second launch reads: the per-channel values
-//    are computed once per call, and an element's costs one cached 16-byte load.
+//    are computed once per call, and the element kernels read a channel's with one 16-byte
+//    load (from L1, after the first).
 //  * PlanesKernel  — dense data whose channels are planes of `plane` > 1 consecutive
 //    elements (NCHW, and any dense layout with something inside C): flat vectors; the
 //    channel of flat index i is (i / plane) % C, followed element by element where a vector
@@ -20,8 +21,8 @@
 //
 // The three element kernels run an Op (AffineOp below; the fused epilogues in
 // act_kernels.cuh) Op::kUnroll vectors per thread and step, every load issued before the
-// first store, so that enough bytes are in flight: 64 per thread with 16-byte vectors. An Op
-// provides
+// first store, so that enough bytes are in flight: 64 per thread with 16-byte vectors (SiLU:
+// 16 or 32, act_kernels.cuh). An Op provides
 //   using acc_t;                                         the compute type
 //   static constexpr int kUnroll;                        vectors per thread and step
 //   template <int VEC> struct Regs;                      one vector's registers
@@ -186,12 +187,12 @@ struct PlanesKernel {
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
         const index_t v = base + k * threads;
-        if (FROZENNORM_LIKELY(v < nvec)) op.template load<VEC>(v * VEC, r[k]);
+        if (v < nvec) op.template load<VEC>(v * VEC, r[k]);
       }
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
         const index_t v = base + k * threads;
-        if (FROZENNORM_LIKELY(v < nvec)) {
+        if (v < nvec) {
           apply<VEC>(v * VEC, r[k]);
           op.template store<VEC>(v * VEC, r[k]);
         }
@@ -215,7 +216,7 @@ struct PlanesKernel {
     index_t pos = i - q * plane.d;   // its position in that plane
     index_t c = q - channels.div(q) * C;
     P p = src(c);
-    if (FROZENNORM_LIKELY(pos + N <= plane.d)) {
+    if (pos + N <= plane.d) {
 #pragma unroll
       for (int j = 0; j < N; ++j) op.template apply<N>(r, j, p);
     } else {  // the vector runs into the next plane(s)
@@ -258,11 +259,11 @@ struct RowsKernel {
       for (int k = 0; k < UNROLL; ++k) {
         const index_t row = base + k * threads;
         at[k] = row * C + first;
-        if (FROZENNORM_LIKELY(row < rows)) op.template load<VEC>(at[k], r[k]);
+        if (row < rows) op.template load<VEC>(at[k], r[k]);
       }
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
-        if (FROZENNORM_LIKELY(base + k * threads < rows)) {
+        if (base + k * threads < rows) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) op.template apply<VEC>(r[k], j, p[j]);
           op.template store<VEC>(at[k], r[k]);
@@ -320,12 +321,12 @@ struct StridedKernel {
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
         const index_t e = base + k * threads;
-        if (FROZENNORM_LIKELY(e < numel)) op.template load<1>(geo.offset(e, channel[k]), r[k]);
+        if (e < numel) op.template load<1>(geo.offset(e, channel[k]), r[k]);
       }
 #pragma unroll
       for (int k = 0; k < UNROLL; ++k) {
         const index_t e = base + k * threads;
-        if (FROZENNORM_LIKELY(e < numel)) {
+        if (e < numel) {
           op.template apply<1>(r[k], 0, src(channel[k]));
           op.template store<1>(e, r[k]);
         }

@@ -20,10 +20,6 @@
 
 namespace frozennorm::cuda {
 
-// A branch the kernels take nearly always: the compiler lays the other side out of line (and
-// the static check's common path, .ci/cuda_static_check.py, follows the fall-through).
-#define FROZENNORM_LIKELY(x) __builtin_expect(!!(x), 1)
-
 struct Dim2 {
   uint32_t x = 1, y = 1;
 };
