@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -319,14 +320,18 @@ def test_cpu_kernels_script(tmp_path):
     """benchmarks/cpu_kernels.py (fused epilogues, strided views and training steps against
     x.clone()): one small case of each kind, the files written, every case in the summary or
     marked busy, a training step with its parts."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_kernels.py"
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "cpu_kernels.py"
     out = tmp_path / "kernels"
+    # the frozennorm of this checkout (python puts the script's folder first on sys.path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, str(script), "--shape", "tiny", "--dtype", "bfloat16",
          "--layout", "channels_last", "--views", "nchw_channel_slice",
          "--kinds", "bn,bn+silu+residual", "--repeat", "1", "--min-run-time", "0.001",
          "--busy-retries", "0", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "kernels.json").read_text())["cases"]
     assert {(r["kind"], r["layout"], r["pass_"]) for r in rows} == {
@@ -352,3 +357,47 @@ def test_cpu_kernels_script(tmp_path):
     assert kernels.busy_note(busy_rows).startswith(f"{len(rows)} of {len(rows)} cases")
     assert (kernels.busy_note(rows) == "") == (not any(r["busy"] for r in rows))
     assert kernels.step_table(busy_rows).count("(busy)") == 3
+
+
+def test_sources_digest_follows_every_csrc_file(tmp_path):
+    from frozennorm._sources import sources_digest
+
+    assert sources_digest(tmp_path) is None  # no csrc/: an installed package
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "csrc" / "cpu" / "k.h").write_text("int a;")
+    (tmp_path / "csrc" / "notes.txt").write_text("not a source")
+    first = sources_digest(tmp_path)
+    (tmp_path / "csrc" / "notes.txt").write_text("changed, still not a source")
+    assert sources_digest(tmp_path) == first
+    (tmp_path / "csrc" / "cpu" / "k.h").write_text("int b;")
+    assert sources_digest(tmp_path) != first
+
+
+def test_results_say_where_they_come_from(cpu_run, tmp_path, monkeypatch, capsys):
+    """Results record the commit; a dirty checkout or a stale build is refused under
+    benchmarks/results/ (the committed results) and marked anywhere else."""
+    _, doc = cpu_run
+    assert "git" in doc["metadata"] and "provenance_problems" in doc["metadata"]
+    # a stale build: the checkout's csrc/ is not what the extension was built from
+    monkeypatch.setattr(report._loader, "build_info", lambda: {"sources_digest": "0" * 16})
+    state = report.source_state()
+    if report.sources_digest(Path(report.__file__).parents[2]) is not None and state[
+            "extension_built"]:
+        assert any("other csrc/ sources" in p for p in state["provenance_problems"])
+    meta = dict(doc["metadata"], git="abc1234-dirty",
+                provenance_problems=["the checkout has uncommitted changes"])
+    committed = Path(report.__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu"
+    with pytest.raises(SystemExit, match="refusing to write results into .*uncommitted"):
+        report.check_provenance(meta, committed / "quick", allow=False)
+    report.check_provenance(meta, committed / "quick", allow=True)
+    report.check_provenance(meta, tmp_path, allow=False)
+    assert capsys.readouterr().err.count("NOT FROM A CLEAN BUILD OF A COMMIT** (abc1234-dirty)") == 2
+    report.check_provenance(dict(meta, provenance_problems=[]), committed, allow=False)
+    # the markdown says so first
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(dict(doc, metadata=meta)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert frozennorm.bench.main(["--from-json", str(path), "--no-plots"]) == 0
+    md = (tmp_path / "results.md").read_text().splitlines()
+    assert md[2].startswith("**NOT FROM A CLEAN BUILD OF A COMMIT** (abc1234-dirty)")
+    assert "commit abc1234-dirty" in md[4]
