@@ -401,3 +401,28 @@ def test_results_say_where_they_come_from(cpu_run, tmp_path, monkeypatch, capsys
     md = (tmp_path / "results.md").read_text().splitlines()
     assert md[2].startswith("**NOT FROM A CLEAN BUILD OF A COMMIT** (abc1234-dirty)")
     assert "commit abc1234-dirty" in md[4]
+
+
+def test_peer_numerics_script(tmp_path):
+    """benchmarks/peer_numerics.py: the error of each way of freezing BN in the tests' metric
+    and the ops of each forward; frozennorm within the op tests' bound where |mean| >> std,
+    torchvision's x * scale + shift far outside it, 7 elementwise ops against one."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "peer_numerics.py"),
+                           "--seeds", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "peers.json").read_text())
+    err = {(r["regime"], r["input"], r["contender"]): r for r in doc["errors"]}
+    assert err[("mean_gg_std", "float32", "frozennorm")]["max_ulps"] <= 4  # test_op's bound
+    if ("mean_gg_std", "float32", "torchvision FrozenBatchNorm2d") in err:
+        assert err[("mean_gg_std", "float32", "torchvision FrozenBatchNorm2d")]["min_ulps"] > 100
+        assert err[("typical", "float16", "torchvision FrozenBatchNorm2d")]["output"] == "float32"
+    ops = {(r["input"], r["requires_grad"], r["contender"]): r for r in doc["ops"]}
+    assert ops[("float32", True, "frozennorm")]["sequence"] == ["frozen_bn"]
+    if ("float32", True, "torchvision FrozenBatchNorm2d") in ops:
+        tv = ops[("float32", True, "torchvision FrozenBatchNorm2d")]
+        assert tv["elementwise"] == 7 and tv["full_size"] == 2
+    assert "## Ops per forward" in (tmp_path / "peers.md").read_text()
