@@ -29,6 +29,16 @@ SMOKE = ["--shape", "tiny", "--dtype", "fp32", "--layout", "nchw", "--repeat", "
          "--cpu-malloc", "system"]  # leave this process's heap as it is
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def checkout_env():
+    """The environment of a script run from benchmarks/: this checkout's frozennorm first
+    (python puts the script's own folder first on sys.path, not the checkout)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def _forbidden(*args, **kwargs):
     raise AssertionError("the CPU benchmark called a CUDA API")
 
@@ -183,7 +193,7 @@ def test_partly_busy_run_marks_only_the_busy_cases(tmp_path, monkeypatch):
 
 def test_from_json_renders_every_committed_result(tmp_path):
     """--from-json renders any results.json the tool wrote, older formats included."""
-    committed = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+    committed = sorted((ROOT / "benchmarks" / "results")
                        .glob("**/results.json"))
     if not committed:
         pytest.skip("no committed results (not a checkout)")
@@ -320,18 +330,14 @@ def test_cpu_kernels_script(tmp_path):
     """benchmarks/cpu_kernels.py (fused epilogues, strided views and training steps against
     x.clone()): one small case of each kind, the files written, every case in the summary or
     marked busy, a training step with its parts."""
-    root = Path(__file__).resolve().parent.parent
-    script = root / "benchmarks" / "cpu_kernels.py"
+    script = ROOT / "benchmarks" / "cpu_kernels.py"
     out = tmp_path / "kernels"
-    # the frozennorm of this checkout (python puts the script's folder first on sys.path)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, str(script), "--shape", "tiny", "--dtype", "bfloat16",
          "--layout", "channels_last", "--views", "nchw_channel_slice",
          "--kinds", "bn,bn+silu+residual", "--repeat", "1", "--min-run-time", "0.001",
          "--busy-retries", "0", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=env)
+        capture_output=True, text=True, timeout=300, env=checkout_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "kernels.json").read_text())["cases"]
     assert {(r["kind"], r["layout"], r["pass_"]) for r in rows} == {
@@ -381,12 +387,11 @@ def test_results_say_where_they_come_from(cpu_run, tmp_path, monkeypatch, capsys
     # a stale build: the checkout's csrc/ is not what the extension was built from
     monkeypatch.setattr(report._loader, "build_info", lambda: {"sources_digest": "0" * 16})
     state = report.source_state()
-    if report.sources_digest(Path(report.__file__).parents[2]) is not None and state[
-            "extension_built"]:
+    if report.sources_digest(ROOT) is not None and state["extension_built"]:
         assert any("other csrc/ sources" in p for p in state["provenance_problems"])
     meta = dict(doc["metadata"], git="abc1234-dirty",
                 provenance_problems=["the checkout has uncommitted changes"])
-    committed = Path(report.__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu"
+    committed = ROOT / "benchmarks" / "results" / "cpu"
     with pytest.raises(SystemExit, match="refusing to write results into .*uncommitted"):
         report.check_provenance(meta, committed / "quick", allow=False)
     report.check_provenance(meta, committed / "quick", allow=True)
@@ -407,12 +412,9 @@ def test_peer_numerics_script(tmp_path):
     """benchmarks/peer_numerics.py: the error of each way of freezing BN in the tests' metric
     and the ops of each forward; frozennorm within the op tests' bound where |mean| >> std,
     torchvision's x * scale + shift far outside it, 7 elementwise ops against one."""
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "peer_numerics.py"),
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peer_numerics.py"),
                            "--seeds", "2", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=300, env=checkout_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "peers.json").read_text())
     err = {(r["regime"], r["input"], r["contender"]): r for r in doc["errors"]}
