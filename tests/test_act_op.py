@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from conftest import device_params
 from oracle import DTYPES, make_layout, make_sample
+from test_op import check_backward, check_forward
 
 import frozennorm
 from frozennorm import frozen_batch_norm, frozen_batch_norm_act
@@ -26,7 +27,13 @@ def unfused(s, activation, residual):
 
 def check_case(s, activation, with_residual, check_grad=True):
     """The fused op against the unfused sequence, forward and (``check_grad``) backward;
-    returns the unfused output."""
+    returns the unfused output. The unfused sequence's own kernels (frozen_bn and
+    frozen_bn_backward on this sample, these threads) are checked against the float64 oracle
+    first: a bug the fused and the unfused paths share (the channel walk) would pass the
+    comparison."""
+    scale = check_forward(s)[1] if s.x.numel() else None
+    if scale is not None and check_grad:
+        check_backward(s, scale)
     residual = None
     if with_residual:
         g = torch.Generator().manual_seed(1)
