@@ -165,8 +165,8 @@ def build_env() -> Dict[str, str]:
     # torch's own kernels on their baseline too: the fused ops equal torch's unfused
     # sequence bit for bit when both run the same vector code (SiLU's exp differs by an ulp
     # between at::vec's baseline and AVX-512 builds)
-    env.update(USE_CUDA="0", FROZENNORM_MAX_CPU_CAPABILITY="default", ATEN_CPU_CAPABILITY="default",
-               MAX_JOBS=env.get("MAX_JOBS", "2"))
+    env.update(USE_CUDA="0", FROZENNORM_MAX_CPU_CAPABILITY="default",
+               ATEN_CPU_CAPABILITY="default", MAX_JOBS=env.get("MAX_JOBS", "2"))
     return env
 
 
@@ -210,9 +210,8 @@ def apply(copy: Path, mutant: Mutant) -> Dict[Path, str]:
     originals: Dict[Path, str] = {}
     for rel, old, new in mutant.edits:
         path = copy / rel
-        text = originals.get(path) or path.read_text()
-        originals.setdefault(path, text)
         current = path.read_text()
+        originals.setdefault(path, current)
         if current.count(old) != 1:
             sys.exit(f"mutant {mutant.name}: its text occurs {current.count(old)} times in "
                      f"{rel}, not once: update .ci/mutation_check.py with the code it stands for")
