@@ -29,6 +29,13 @@ def _seeded_rngs(request):
     yield
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """Test ids name dtypes (test_x[float16-cpu], not test_x[dtype0-cpu])."""
+    if isinstance(val, torch.dtype):
+        return str(val).replace("torch.", "")
+    return None
+
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

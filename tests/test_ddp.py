@@ -1,7 +1,8 @@
 """DistributedDataParallel (gloo, 2 CPU processes) with frozen BatchNorm.
 
-With ``broadcast_buffers=True`` DDP syncs rank 0's buffers into every rank's at the start of
-each forward. On older torch that was an in-place copy, and a backward that had saved a
+DDP's default syncs rank 0's buffers into every rank's at the start of each forward
+(``forward_sync_buffers=True`` since torch 2.13, ``broadcast_buffers=True`` before). On older
+torch that was an in-place copy, and a backward that had saved a
 BatchNorm's running statistics (as an eval-mode BatchNorm's does) failed when two forwards
 ran before one backward ("modified by an inplace operation", pytorch #22095).
 frozennorm's backward saves only a per-channel scale it computes itself, never the buffers,
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import socket
-import warnings
 from pathlib import Path
 
 import pytest
@@ -41,10 +41,10 @@ def small_net() -> nn.Module:
 
 
 def ddp(module: nn.Module) -> DDP:
-    with warnings.catch_warnings():
-        # torch 2.14 renames broadcast_buffers to forward_sync_buffers (same behaviour)
-        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
-        return DDP(module, broadcast_buffers=True)
+    """DDP as built by default: buffers synced at each forward."""
+    model = DDP(module)
+    assert model.broadcast_buffers  # a property over forward_sync_buffers since torch 2.13
+    return model
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -118,7 +118,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trainable_affine", [False, True])
-def test_ddp_broadcast_buffers_two_forwards_one_backward(tmp_path, trainable_affine):
+def test_ddp_buffer_sync_two_forwards_one_backward(tmp_path, trainable_affine):
     """Fully frozen, and with trainable weight/bias (their gradients all-reduced, the
     statistics untouched)."""
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), trainable_affine), nprocs=WORLD,

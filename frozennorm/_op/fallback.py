@@ -29,8 +29,9 @@ def _warn_fallback() -> None:
     if not _fallback_warned and not _compiled and _loader.requested_backend() == "auto":
         _fallback_warned = True
         warnings.warn(
-            "frozennorm: running the pure-PyTorch fallback (same results, slower), not the "
-            "compiled C++/CUDA kernels: " + _loader.fallback_reason(),
+            "frozennorm: running the pure-PyTorch fallback (the kernels' formula, slower, "
+            "without their fused multiply-add: results can differ from theirs by a rounding), "
+            "not the compiled C++/CUDA kernels: " + _loader.fallback_reason(),
             RuntimeWarning, stacklevel=3)
 
 
