@@ -218,7 +218,8 @@ class FrozenBatchNorm(nn.Module):
         def keep_precision(t: Tensor) -> Tensor:
             new = fn(t)
             return t.to(device=new.device, dtype=torch.float32) if _drops_below_fp32(t, new) else new
-        return super()._apply(keep_precision, recurse=False)
+        # (nn.Module's, named: fold.py's FoldedFrozenBatchNorm borrows this method)
+        return nn.Module._apply(self, keep_precision, recurse=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):

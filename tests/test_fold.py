@@ -59,7 +59,7 @@ def check_close(model, folded, *inputs, rtol=1e-5, grads=True):
         assert_matches_float64(a, e, 1e-9, what)
 
 
-def check_folded_constants(source, deploy, rep, shift="conv_bias"):
+def check_folded_constants(source, deploy, rep, shift="bn"):
     """Each pair an inference fold folded: the conv's weight ``W * s`` and its bias (or, with
     ``shift="bn"``, the bias of the BatchNorm left) ``(b - mean) * s + bias``, with ``s =
     weight / sqrt(var + eps)`` of ``source``'s statistics, computed in float64 and rounded
@@ -124,7 +124,7 @@ def test_resnet50_inference_and_training_with_fuse():
     assert type(deploy.bn1) is IdentityBatchNorm and deploy.conv1.bias is not None
     # the BatchNorm entries are gone from the state dict, the convs have a bias
     assert not any("bn" in k or "downsample.1" in k for k in deploy.state_dict())
-    check_folded_constants(model, deploy, rep)
+    check_folded_constants(model, deploy, rep, shift="conv_bias")
     check_close(model, deploy, IMAGE, grads=False)
 
     model.train()
@@ -143,7 +143,7 @@ def test_inference_shift_on_bn_fuses():
     deploy, rep = fold_frozen_bn(model, report=True)
     assert deploy.conv1.bias is None and type(deploy.bn1) is FrozenBatchNorm2d
     assert deploy.bn1.eps == 0.0 and torch.equal(deploy.bn1.running_var, torch.ones(64))
-    check_folded_constants(model, deploy, rep, shift="bn")
+    check_folded_constants(model, deploy, rep)
     deploy, rep = fuse(deploy, report=True)
     assert rep.count() == 17
     check_close(model, deploy, IMAGE, grads=False)
@@ -371,7 +371,7 @@ def test_training_fold_refuses_a_duck_typed_fuser_then_folds_for_inference():
     deploy, rep = fold_frozen_bn(trained, shift="conv_bias", report=True)
     assert len(rep.folded) == 2 and type(deploy[0].conv) is nn.Conv2d
     assert type(deploy[0].bn) is IdentityBatchNorm
-    check_folded_constants(trained, deploy, rep)
+    check_folded_constants(trained, deploy, rep, shift="conv_bias")
     expected = float64_reference(model, x)
     with torch.no_grad():
         assert_matches_float64(deploy(x), expected)
