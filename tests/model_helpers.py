@@ -39,6 +39,30 @@ def randomize_norm_stats_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+
+def tame_norm_stats_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-looking statistics of order one (means N(0, 0.5), variances in [0.5, 2],
+    weights in [0.5, 1.5], biases N(0, 0.2)), for tests that train several SGD steps:
+    randomize_norm_stats_'s variances down to 1e-6 normalise inputs to ~1e3, and the
+    weights' gradients then blow a few steps up to inf."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+            if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)):
+                continue
+            mean.normal_(0, 0.5, generator=g)
+            var.uniform_(0.5, 2.0, generator=g)
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            if isinstance(w, torch.Tensor):
+                w.uniform_(0.5, 1.5, generator=g)
+            if isinstance(b, torch.Tensor):
+                b.normal_(0, 0.2, generator=g)
+            nbt = getattr(m, "num_batches_tracked", None)
+            if isinstance(nbt, torch.Tensor):
+                nbt.fill_(7)
+    return model
+
 _STOCHASTIC_NAMES = {"StochasticDepth", "DropPath", "DropBlock2d"}
 
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from frozennorm import FrozenBatchNorm, assert_frozen, convert_frozen_bn
 
-from model_helpers import randomize_norm_stats_
+from model_helpers import randomize_norm_stats_, tame_norm_stats_
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -159,17 +159,9 @@ def test_in_place_buffer_writes_between_forwards(frozen):
 
 def _fsdp2_net() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
-    # tame trained statistics (not model_helpers' variances down to 1e-6, whose normalised
-    # inputs of ~1e3 make the weight's gradient explode in two SGD steps at lr 0.1)
-    with torch.no_grad():
-        for bn in (net[1], net[4]):
-            bn.running_mean.normal_(0, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.2)
-            bn.num_batches_tracked.fill_(7)
+    net = tame_norm_stats_(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
     return convert_frozen_bn(net, trainable_affine=True)
 
 

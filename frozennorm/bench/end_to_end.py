@@ -29,6 +29,9 @@ VARIANTS: Dict[str, str] = {
     "torchvision": "torchvision FrozenBN",
     "frozennorm": "frozennorm",
     "frozennorm_fold": "frozennorm fuse/fold",
+    "bn_eval_affine": "nn.BatchNorm2d eval, trainable affine",
+    "frozennorm_affine": "frozennorm, trainable affine",
+    "frozennorm_affine_fuse": "frozennorm fuse, trainable affine",
     "compiled_tv": "torch.compile(torchvision)",
     "compiled_frozennorm": "torch.compile(frozennorm)",
     "identity": "no BN (identity)",
@@ -36,7 +39,10 @@ VARIANTS: Dict[str, str] = {
 #: Variants compiled with torch.compile: minutes of compilation each on a small CPU, so
 #: only ``--full`` (or ``--e2e-variants``) runs them.
 COMPILED = ("compiled_tv", "compiled_frozennorm")
-QUICK_VARIANTS = [v for v in VARIANTS if v not in COMPILED]
+#: Frozen statistics with trainable weight and bias (mmdet's norm_eval=True,
+#: requires_grad=True), training only: ``--e2e-variants`` runs them.
+AFFINE = ("bn_eval_affine", "frozennorm_affine", "frozennorm_affine_fuse")
+QUICK_VARIANTS = [v for v in VARIANTS if v not in COMPILED + AFFINE]
 
 
 @dataclass(frozen=True)
@@ -122,16 +128,23 @@ def make_variant(base: nn.Module, variant: str, mode: str = "training",
     fuse/fold fuses for training (:func:`fuse`: BN + activation + residual in one pass) and
     folds for inference (:func:`fold_frozen_bn`: weights rewritten once)."""
     model = copy.deepcopy(base)
-    if variant == "bn_eval":
+    if variant in AFFINE and mode != "training":
+        raise ValueError(f"{variant} is a training variant (trainable weight and bias)")
+    if variant in ("bn_eval", "bn_eval_affine"):
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.requires_grad_(False)  # frozen affine, like the frozen modules
-        return model
-    if variant in ("frozennorm", "compiled_frozennorm", "frozennorm_fold"):
-        model = convert_frozen_bn(model, trainable_affine=False, strict=True)  # the library's own converter
+                # frozen affine, like the frozen modules, or trainable (the mmdet recipe)
+                m.requires_grad_(variant == "bn_eval_affine")
+        return model.to(memory_format=memory_format)
+    if variant in ("frozennorm", "compiled_frozennorm", "frozennorm_fold",
+                   "frozennorm_affine", "frozennorm_affine_fuse"):
+        # the library's own converter
+        model = convert_frozen_bn(model, trainable_affine=variant in AFFINE, strict=True)
         if variant == "frozennorm_fold":
             model = (fuse(model, inplace=True) if mode == "training"
                      else fold_frozen_bn(model, inplace=True))
+        elif variant == "frozennorm_affine_fuse":
+            model = fuse(model, inplace=True)
     else:
         make = {"torchvision": torchvision_frozen, "compiled_tv": torchvision_frozen,
                 "identity": lambda bn: nn.Identity()}[variant]
@@ -146,7 +159,7 @@ def set_mode(model: nn.Module, variant: str, mode: str) -> None:
     """train() for a training step with BN layers back in eval() (what mmdet's norm_eval
     does); eval() for inference."""
     model.train(mode == "training")
-    if variant == "bn_eval":
+    if variant in ("bn_eval", "bn_eval_affine"):
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
@@ -188,7 +201,8 @@ def run_config(base: nn.Module, case: E2ECase, device: str, timer: Timer, rounds
     fmt = LAYOUTS[case.layout]
     x = torch.randn(case.batch, 3, case.height, case.width, device=device)
     x = x.contiguous(memory_format=fmt)
-    results = [E2EResult(case, v) for v in variants]
+    # the trainable-affine variants are training's alone
+    results = [E2EResult(case, v) for v in variants if case.mode == "training" or v not in AFFINE]
     if any(v in COMPILED for v in variants):
         torch._dynamo.reset()  # each configuration compiles afresh, within Dynamo's cache limit
     samplers = {}

@@ -446,7 +446,9 @@ def write_markdown(path: Path, meta: Dict[str, object], ops: Sequence[OpResult],
 
 COLORS = {"frozennorm": "#d62728", "bn_eval": "#1f77b4", "torchvision": "#ff7f0e",
           "detectron2": "#2ca02c", "compiled_tv": "#9467bd", "identity": "#7f7f7f",
-          "frozennorm_fold": "#8c0000", "compiled_frozennorm": "#e377c2"}
+          "frozennorm_fold": "#8c0000", "compiled_frozennorm": "#e377c2",
+          "bn_eval_affine": "#17becf", "frozennorm_affine": "#bcbd22",
+          "frozennorm_affine_fuse": "#8c564b"}
 
 
 def _pyplot():
