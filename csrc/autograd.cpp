@@ -81,6 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_affine_backward(
 // When statistics require grad (trainable affine parameters, or functional use), a backward
 // needs the forward's input and the statistics too. Saved as
 // {scale, saved, input, weight, mean, var} (saved: the activation's tensor, or undefined).
+// The running statistics are saved as copies unless they require grad themselves: DDP
+// overwrites module buffers in place between forwards, which would fail the backward.
 bool save_statistics(AutogradContext* ctx, const at::Tensor& scale, const at::Tensor& saved,
                      const at::Tensor& input, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& mean,
@@ -92,8 +94,9 @@ bool save_statistics(AutogradContext* ctx, const at::Tensor& scale, const at::Te
   if (stats_grad) {
     ctx->saved_data["bias_dtype"] =
         bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
+    auto kept = [](const at::Tensor& t) { return t.requires_grad() ? t : t.detach().clone(); };
     ctx->save_for_backward({scale, saved, input, weight.has_value() ? *weight : at::Tensor(),
-                            mean, var});
+                            kept(mean), kept(var)});
   } else {
     ctx->save_for_backward({scale, saved});
   }

@@ -7,7 +7,7 @@ silently drop the activation.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -78,9 +78,10 @@ class FrozenBatchNormAct2d(FrozenBatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, *,
                  act: Optional[nn.Module] = None, drop: Optional[nn.Module] = None,
-                 device: Optional[torch.device] = None,
+                 trainable_affine: bool = False, device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
-        super().__init__(num_features, eps, device=device, dtype=dtype)
+        super().__init__(num_features, eps, trainable_affine=trainable_affine, device=device,
+                         dtype=dtype)
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
 
@@ -109,14 +110,15 @@ class FrozenBatchNormAct2d(FrozenBatchNorm2d):
         return self
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module, eps: Optional[float] = None) -> "FrozenBatchNormAct2d":
+    def from_batchnorm(cls, bn: nn.Module, eps: Optional[float] = None,
+                       trainable_affine: Union[bool, str] = False) -> "FrozenBatchNormAct2d":
         """A frozen copy of ``bn`` (statistics copied) that takes over its ``act``/``drop``.
 
         Any BatchNorm-like module is accepted (see
         :meth:`FrozenBatchNorm.from_batchnorm`); one without ``act``/``drop`` submodules
         gives identities.
         """
-        frozen = super().from_batchnorm(bn, eps)
+        frozen = super().from_batchnorm(bn, eps, trainable_affine)
         assert isinstance(frozen, FrozenBatchNormAct2d)
         for name in ("drop", "act"):
             sub = getattr(bn, name, None)

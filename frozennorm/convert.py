@@ -417,7 +417,9 @@ def _complain(report: ConversionReport, strict: bool, caller: str, left: str) ->
             f"{caller} froze {len(report.frozen_parameters)} parameter(s) that required grad "
             f"(the layers' weight and bias become buffers): {_names(report.frozen_parameters)}. "
             f"Build the optimizer after converting (one built before still holds the old "
-            f"tensors); pass trainable_affine=False to say that freezing them is meant.")
+            f"tensors); pass trainable_affine=False to say that freezing them is meant, or "
+            f"trainable_affine=\"source\" to keep them trainable (statistics frozen, weight "
+            f"and bias trained: mmdet's norm_eval=True, requires_grad=True recipe).")
     if report.untrained:
         sections.append(
             f"{caller}: {len(report.untrained)} layer(s) have statistics that were never "
@@ -449,8 +451,8 @@ def _is_ours(module: nn.Module) -> bool:
     return _package(type(module)) == "frozennorm"
 
 
-def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target]
-                    ) -> Optional[_Verdict]:
+def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target],
+                    trainable_affine: Union[bool, str] = False) -> Optional[_Verdict]:
     if _is_ours(module) and is_frozen_batchnorm(module):
         return _LEAVE  # frozennorm's own (plain or folded)
     match = _known_base(type(module), classes)
@@ -497,7 +499,7 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target]
     origin = {"class": _full_path(base), "momentum": getattr(module, "momentum", 0.1)}
 
     def make(old: nn.Module, training: bool) -> nn.Module:
-        new = target.from_batchnorm(old, eps)
+        new = target.from_batchnorm(old, eps, trainable_affine)
         new.training = old.training
         setattr(new, ORIGIN_ATTR, dict(origin))
         return new
@@ -509,7 +511,7 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target]
 def convert_frozen_bn(module: nn.Module, *, include: Patterns = ..., exclude: Patterns = ...,
                       predicate: Optional[Predicate] = ...,
                       classes: Optional[Mapping[type, Target]] = ...,
-                      trainable_affine: Optional[bool] = ...,
+                      trainable_affine: Union[None, bool, Literal["source"]] = ...,
                       strict: bool = ..., report: Literal[False] = ...) -> nn.Module: ...
 
 
@@ -517,7 +519,7 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = ..., exclude: Pa
 def convert_frozen_bn(module: nn.Module, *, include: Patterns = ..., exclude: Patterns = ...,
                       predicate: Optional[Predicate] = ...,
                       classes: Optional[Mapping[type, Target]] = ...,
-                      trainable_affine: Optional[bool] = ...,
+                      trainable_affine: Union[None, bool, Literal["source"]] = ...,
                       strict: bool = ..., report: Literal[True]
                       ) -> Tuple[nn.Module, ConversionReport]: ...
 
@@ -525,7 +527,7 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = ..., exclude: Pa
 def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: Patterns = None,
                       predicate: Optional[Predicate] = None,
                       classes: Optional[Mapping[type, Target]] = None,
-                      trainable_affine: Optional[bool] = None,
+                      trainable_affine: Union[None, bool, Literal["source"]] = None,
                       strict: bool = False, report: bool = False
                       ) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
     """Replace every BatchNorm in ``module`` by its frozen counterpart, in place.
@@ -559,9 +561,15 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
             with ``act``/``drop`` submodules to :class:`FrozenBatchNormAct2d`). For a class
             without an ``eps`` attribute give the eps its forward uses:
             ``{MyFrozenBN: (FrozenBatchNorm2d, 1e-5)}``; without one that is an error.
-        trainable_affine: ``None`` (default) and ``False`` freeze weight and bias with the
-            statistics (buffers); ``None`` warns where they required grad, ``False`` says
-            that this is meant.
+        trainable_affine: what becomes of weight and bias (the running statistics are
+            frozen buffers whatever this says). ``None`` (default) and ``False``: frozen
+            buffers too (torchvision's and detectron2's recipe); ``None`` warns where they
+            required grad, ``False`` says that this is meant. ``True``: trainable
+            ``nn.Parameter`` objects (the layer's own ones, so an optimizer that
+            holds them keeps working). ``"source"``: each layer's own weight and bias
+            Parameters as they are, trainable where they required grad (mmdet's
+            ``norm_cfg=dict(type="BN", requires_grad=True), norm_eval=True`` recipe, and
+            its ``frozen_stages``), frozen buffers where the layer had none.
         strict: raise ValueError, changing nothing, where a layer would be left live
             (unknown subclass, no running statistics, ...), a pattern matches no module,
             trainable parameters would be frozen unannounced (``trainable_affine=None``)
@@ -588,10 +596,12 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
                 and eps_ok):
             raise TypeError(f"classes[{cls!r}] must be a frozennorm FrozenBatchNorm class or "
                             f"a (class, eps) pair, got {target!r}")
-    if trainable_affine not in (None, False):
-        raise ValueError(f"trainable_affine must be None or False, got {trainable_affine!r}")
+    if trainable_affine not in (None, False, True, "source"):
+        raise ValueError(f"trainable_affine must be None, False, True or 'source', got "
+                         f"{trainable_affine!r}")
+    affine = trainable_affine or False
     scope = Scope.build(include, exclude, predicate)
-    result, rep = _run(module, lambda m: _freeze_verdict(m, extra), scope, strict,
+    result, rep = _run(module, lambda m: _freeze_verdict(m, extra, affine), scope, strict,
                        "convert_frozen_bn", "converted",
                        "BatchNorm layer(s) as they are (their statistics still update in train())",
                        review=lambda entries, r: _review_freeze(entries, r, trainable_affine))
@@ -643,7 +653,7 @@ def _as_batchnorm(value: Any) -> Any:
     if not (isinstance(value, FrozenBatchNorm) and type(value).forward in
             (FrozenBatchNorm.forward, FrozenBatchNormAct2d.forward)):
         return value
-    return _build_live(nn.BatchNorm2d, value, 0.1, training=False)
+    return _build_live(nn.BatchNorm2d, value, 0.1, training=False, reuse_parameters=False)
 
 
 def _adapt_reparameterizers(root: nn.Module) -> None:
@@ -739,7 +749,10 @@ def _tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
 
 
 def _build_live(cls: type, frozen: nn.Module, momentum: Optional[float],
-                training: bool) -> nn.Module:
+                training: bool, reuse_parameters: bool = True) -> nn.Module:
+    """A live ``cls`` computing what ``frozen`` does, its statistics copied; weight and bias
+    are ``frozen``'s own Parameters where it has them (``reuse_parameters``: an optimizer
+    that holds them keeps working), else new ones."""
     mean, var = _tensor(frozen, "running_mean"), _tensor(frozen, "running_var")
     assert mean is not None and var is not None
     kw: Dict[str, Any] = dict(eps=float(getattr(frozen, "eps", 0.0)), momentum=momentum,
@@ -749,12 +762,14 @@ def _build_live(cls: type, frozen: nn.Module, momentum: Optional[float],
         bn = cls(mean.numel(), apply_act=False, **kw)
     else:
         bn = cls(mean.numel(), affine=True, track_running_stats=True, **kw)
-    weight, bias = _tensor(frozen, "weight"), _tensor(frozen, "bias")
     with torch.no_grad():
-        bn.weight = nn.Parameter(weight.detach().clone() if weight is not None
-                                 else torch.ones_like(mean))
-        bn.bias = nn.Parameter(bias.detach().clone() if bias is not None
-                               else torch.zeros_like(mean))
+        for name, fill in (("weight", 1.0), ("bias", 0.0)):
+            value = _tensor(frozen, name)
+            if reuse_parameters and isinstance(value, nn.Parameter):
+                setattr(bn, name, value.requires_grad_(True))
+            else:
+                setattr(bn, name, nn.Parameter(value.detach().clone() if value is not None
+                                               else torch.full_like(mean, fill)))
         bn.running_mean = mean.detach().clone()
         bn.running_var = var.detach().clone()
     if _is_timm_act(cls):
@@ -826,9 +841,11 @@ def revert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: Pa
     ``FrozenBatchNormAct2d`` are reverted too.
 
     Each new layer has ``affine=True`` and ``track_running_stats=True``, weight and bias as
-    fresh Parameters (``requires_grad=True``), running statistics that are bit-identical
-    copies, ``num_batches_tracked`` 0, and the train/eval mode of its parent. Rebuild the
-    optimizer afterwards: the new parameters are not in the old one.
+    trainable Parameters (``requires_grad=True``: a trainable-affine layer's own Parameter
+    objects, which an optimizer that holds them keeps training; new ones where they were
+    buffers), running statistics that are bit-identical copies, ``num_batches_tracked`` 0,
+    and the train/eval mode of its parent. Rebuild the optimizer afterwards where weight and
+    bias were buffers: the new parameters are not in the old one.
 
     ``include``, ``exclude``, ``predicate``, ``strict`` and ``report`` work as in
     :func:`convert_frozen_bn` (e.g. ``include="backbone.body.layer4"`` unfreezes one stage).

@@ -129,10 +129,11 @@ _HIDDEN = frozenset(_STATS + ("eps",))
 class FoldedFrozenBatchNorm(nn.Module):
     """The BatchNorm half of a training-mode fold: ``x + shift``.
 
-    Holds the frozen BatchNorm's buffers (``weight``, ``bias``, ``running_mean``,
-    ``running_var``: the same tensors, the same state dict keys) and adds what the
-    :class:`FoldedConv2d` before it leaves, ``shift = bias - running_mean * scale``,
-    computed from the buffers at each call. Called as ``(input, residual, activation=...)``
+    Holds the frozen BatchNorm's tensors (``weight``, ``bias``, ``running_mean``,
+    ``running_var``: the same tensors, buffers or, for a trainable-affine layer, weight and
+    bias as the same Parameters, which keep training; the same state dict keys) and adds
+    what the :class:`FoldedConv2d` before it leaves, ``shift = bias - running_mean *
+    scale``, computed from them at each call. Called as ``(input, residual, activation=...)``
     (a forward :func:`~frozennorm.fuse` rewrote) it also adds the residual and applies the
     activation in the same pass.
 
@@ -151,6 +152,8 @@ class FoldedFrozenBatchNorm(nn.Module):
         super().__init__()
         self.num_features = int(source.running_mean.numel())
         self.bn_eps = float(source.eps)
+        for name, param in source.named_parameters(recurse=False):  # trainable weight/bias
+            self.register_parameter(name, param)
         for name, buf in source.named_buffers(recurse=False):
             self.register_buffer(name, buf,
                                  persistent=name not in source._non_persistent_buffers_set)
@@ -170,13 +173,16 @@ class FoldedFrozenBatchNorm(nn.Module):
         return super().__getattr__(name)
 
     def statistics(self) -> Dict[str, Tensor]:
-        """``weight``, ``bias``, ``running_mean``, ``running_var`` (the buffers themselves)."""
-        return {name: self._buffers[name] for name in _STATS}
+        """``weight``, ``bias``, ``running_mean``, ``running_var`` (the tensors themselves:
+        buffers, or Parameters for trainable weight and bias)."""
+        return {name: self._buffers[name] if name in self._buffers else self._parameters[name]
+                for name in _STATS}
 
     def affine(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-        """``(scale, shift)`` in ``dtype``, from the buffers as they are now:
-        ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``."""
-        b = self._buffers
+        """``(scale, shift)`` in ``dtype``, from the tensors as they are now:
+        ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``
+        (differentiable in trainable weight and bias)."""
+        b = self.statistics()
         scale = channel_scale(b["weight"], b["running_var"], self.bn_eps, dtype)
         return scale, b["bias"].to(dtype) - b["running_mean"].to(dtype) * scale
 

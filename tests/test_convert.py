@@ -543,6 +543,24 @@ def test_revert_restores_classes_and_bit_identical_statistics():
     assert back.stem[1].num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_revert_keeps_the_statistics_dtype(dtype):
+    """A model cast before conversion (statistics in float64, or in 16 bits as apex's
+    network_to_half leaves them) comes back with the statistics, weights and biases in that
+    dtype, bit for bit, and the original's output."""
+    original = zoo().to(dtype)
+    back = revert_frozen_bn(convert_frozen_bn(copy.deepcopy(original)))
+    for (name, m), (_, o) in zip(norm_layers(back), norm_layers(original)):
+        for attr in ("running_mean", "running_var", "weight", "bias"):
+            got, want = getattr(m, attr), getattr(o, attr)
+            if want is None:  # affine=False: weight 1, bias 0, in the dtype too
+                assert got.dtype == dtype, (name, attr)
+                continue
+            assert got.dtype == dtype and torch.equal(got, want), (name, attr)
+    x = X.to(dtype)
+    assert torch.equal(back.eval()(x), original.eval()(x))
+
+
 def test_revert_mode_follows_the_parent():
     model = convert_frozen_bn(nn.Sequential(nn.Sequential(nn.BatchNorm2d(2)), nn.BatchNorm2d(2)))
     model[0].eval()

@@ -240,7 +240,10 @@ def test_patterns():
     assert set(reasons) == {"bn8", "shared", "hooked", "bn10", "bn11"}
     assert "2 users" in reasons["bn8"] and reasons["shared"] == "it is the residual of shared"
     assert "hooks" in reasons["hooked"] and "goes to mul" in reasons["bn11"]
-    x, r = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    x, r = torch.randn(2, 4, 5, 5) * 8, torch.randn(2, 4, 5, 5)
+    with torch.no_grad():  # ReLU6's input reaches past both of its kinks
+        pre = r + model.bn5(x)
+    assert (pre > 6).any() and (pre < 0).any() and ((pre > 0) & (pre < 6)).any()
     check_same(model, fused, x, r)
 
 

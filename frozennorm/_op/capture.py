@@ -20,16 +20,16 @@ import sys
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-# torch >= 2.0 has both; a torch without them has no functorch transforms to look for.
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+# torch >= 2.0 has both (the supported ones: >= 2.4); the forward-AD level is a module
+# global that dual_level() sets, read on each call.
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
 
 
 def use_composite() -> bool:
     """True while a graph is captured (dynamo, an ONNX exporter; not plain jit.trace), a
     ``torch.func`` transform runs, or a forward-mode AD level is open."""
-    if torch.compiler.is_compiling() or _functorch_active():
-        return True
-    if getattr(_forward_ad, "_current_level", -1) >= 0:
+    if _is_compiling() or _functorch_active() or _forward_ad._current_level >= 0:
         return True
     if torch.jit.is_tracing():  # jit.trace itself, or the TorchScript-based ONNX exporter
         return torch.onnx.is_in_onnx_export()

@@ -29,8 +29,9 @@ def _warn_fallback() -> None:
     if not _fallback_warned and not _compiled and _loader.requested_backend() == "auto":
         _fallback_warned = True
         warnings.warn(
-            "frozennorm: running the pure-PyTorch fallback (same results, slower), not the "
-            "compiled C++/CUDA kernels: " + _loader.fallback_reason(),
+            "frozennorm: running the pure-PyTorch fallback (the kernels' formula, slower, "
+            "without their fused multiply-add: results can differ from theirs by a rounding), "
+            "not the compiled C++/CUDA kernels: " + _loader.fallback_reason(),
             RuntimeWarning, stacklevel=3)
 
 
@@ -165,7 +166,10 @@ def _save_statistics(ctx, scale, saved, input, weight, bias, running_mean, runni
     ctx.eps = eps
     if ctx.stats_grad:
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(scale, saved, input, weight, running_mean, running_var)
+        # (copies of the running statistics unless they require grad: DDP overwrites module
+        # buffers in place between forwards)
+        kept = [t if t.requires_grad else t.detach().clone() for t in (running_mean, running_var)]
+        ctx.save_for_backward(scale, saved, input, weight, *kept)
     else:
         ctx.save_for_backward(scale, saved)
     return ctx.stats_grad
