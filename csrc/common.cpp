@@ -36,6 +36,12 @@ void check_data(const at::Tensor& t, const char* name, const char* op) {
       " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
 }
 
+void check_activation(int64_t activation, const char* op) {
+  TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(Activation::kSiLU), op,
+              ": activation must be 0 (identity), 1 (relu), 2 (relu6) or 3 (silu), got ",
+              activation);
+}
+
 }  // namespace
 
 Stats check_forward_args(
@@ -71,8 +77,7 @@ Stats check_forward_args(
   return s;
 }
 
-void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale) {
-  constexpr const char* op = "frozen_bn_backward";
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale, const char* op) {
   check_data(grad_output, "grad_output", op);
   TORCH_CHECK(scale.defined(), op, ": scale is an undefined tensor");
   TORCH_CHECK(
@@ -91,9 +96,7 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale)
 void check_act_args(const at::Tensor& input, const std::optional<at::Tensor>& residual,
                     int64_t activation) {
   constexpr const char* op = "frozen_bn_act";
-  TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(Activation::kSiLU), op,
-              ": activation must be 0 (identity), 1 (relu), 2 (relu6) or 3 (silu), got ",
-              activation);
+  check_activation(activation, op);
   if (!residual.has_value() || !residual->defined()) return;
   const at::Tensor& r = *residual;
   TORCH_CHECK(r.device() == input.device(), op, ": residual is on ", r.device(),
@@ -116,6 +119,30 @@ void check_act_backward_args(const at::Tensor& grad_output, const at::Tensor& sa
               op, ": saved must be the forward's output (ReLU/ReLU6) or pre-activation (SiLU), "
               "with grad_output's shape, dtype and device; got ", saved.sizes(), " ", saved.scalar_type(),
               " on ", saved.device());
+}
+
+void check_affine_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                const std::optional<at::Tensor>& saved,
+                                const at::Tensor& running_mean, const at::Tensor& scale,
+                                int64_t activation) {
+  constexpr const char* op = "frozen_bn_affine_backward";
+  check_backward_args(grad_output, scale, op);
+  check_activation(activation, op);
+  const bool has_saved = saved.has_value() && saved->defined();
+  auto like_grad = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+    TORCH_CHECK(t.sizes() == grad_output.sizes() && t.scalar_type() == grad_output.scalar_type() &&
+                    t.device() == grad_output.device(),
+                op, ": ", name, " must have grad_output's shape ", grad_output.sizes(), ", dtype ",
+                grad_output.scalar_type(), " and device ", grad_output.device(), "; got ",
+                t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  };
+  like_grad(input, "input");
+  if (has_saved) like_grad(*saved, "saved");
+  TORCH_CHECK(has_saved || activation == static_cast<int64_t>(Activation::kIdentity), op,
+              ": saved (the forward's output, or pre-activation for SiLU) is needed for "
+              "activation ", activation);
+  check_stat(running_mean, "running_mean", grad_output, op);
 }
 
 bool is_dense_like(const at::Tensor& t, const at::Tensor& like) {

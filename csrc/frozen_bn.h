@@ -39,8 +39,16 @@ void check_act_args(const at::Tensor& input, const std::optional<at::Tensor>& re
 void check_act_backward_args(const at::Tensor& grad_output, const at::Tensor& saved,
                              const at::Tensor& scale, int64_t activation);
 
-// Checks the arguments of frozen_bn_backward.
-void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale);
+// Checks the arguments of frozen_bn_backward (errors named after `op`, the op checked).
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& scale,
+                         const char* op = "frozen_bn_backward");
+
+// Checks the arguments of frozen_bn_affine_backward: frozen_bn_backward's, input and saved
+// (saved optional for the identity) like grad_output, running_mean one value per channel.
+void check_affine_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                const std::optional<at::Tensor>& saved,
+                                const at::Tensor& running_mean, const at::Tensor& scale,
+                                int64_t activation);
 
 // Is t dense (non-overlapping, no gaps) with exactly like's strides?
 bool is_dense_like(const at::Tensor& t, const at::Tensor& like);

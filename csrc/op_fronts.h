@@ -6,6 +6,7 @@
 //   void backward(const Backward&)               // fills grad_input (and grad_residual)
 //   at::Tensor act_forward(const Forward&)       // the same for the fused epilogues
 //   void act_backward(const Backward&)
+//   void affine_backward(const Backward&)       // also fills sum_grad and sum_centered
 //
 // (CPU: cpu/frozen_bn_cpu.cpp; CUDA and its emulation in the tests: cuda/frozen_bn_cuda_impl.h.)
 // The loops must accept empty tensors: a forward still returns every channel's scale.
@@ -15,6 +16,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 
 #include <optional>
 #include <tuple>
@@ -34,16 +36,25 @@ struct Forward {
   at::Tensor preact;     // undefined, or empty in the input's layout (SiLU's saved tensor)
 };
 
-// What a backward's loops get: grad_input = act'(saved) * grad * scale.
+// What a backward's loops get: ga = act'(saved) * grad, rounded to the data dtype;
+// grad_input = ga * scale, grad_residual = ga. The affine backward also sums, per channel,
+// ga into sum_grad and ga * (input - mean) into sum_centered.
 struct Backward {
-  at::Tensor grad;        // frozen_bn_backward: any layout; the fused op: in saved's layout
+  at::Tensor grad;        // frozen_bn_backward: any layout; the fused ops: in saved's layout
+                          // (the affine backward: in input's)
   at::Tensor scale;       // in the compute dtype, contiguous
   at::ScalarType acc;
-  at::Tensor grad_input;  // empty, in grad's layout
-  // the fused op only:
+  at::Tensor grad_input;  // empty, in grad's layout (the affine backward: undefined if unwanted)
+  // the fused ops only:
   Activation act = Activation::kIdentity;
-  at::Tensor saved;          // dense: the forward's output (ReLU/ReLU6) or pre-activation (SiLU)
+  at::Tensor saved;          // dense: the forward's output (ReLU/ReLU6) or pre-activation (SiLU);
+                             // undefined for the identity
   at::Tensor grad_residual;  // undefined, or empty in saved's layout
+  // the affine backward only:
+  at::Tensor input;         // dense: the forward's input
+  at::Tensor mean;          // in the compute dtype, contiguous
+  at::Tensor sum_grad;      // C values of the compute dtype, to fill
+  at::Tensor sum_centered;  // the same
 };
 
 // The checked statistics and the compute dtype of a forward (both ops).
@@ -142,6 +153,37 @@ std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_front(
   loops.act_backward(b);
   return {b.grad_input,
           residual_grad ? b.grad_residual : at::empty({0}, b.saved.options())};
+}
+
+// Outputs in the dense layout of the input (itself if dense, else contiguous), grad_output
+// and saved brought to it; zero sums for an empty input.
+template <typename Loops>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> frozen_bn_affine_backward_front(
+    Loops& loops, const at::Tensor& grad_output, const at::Tensor& input,
+    const std::optional<at::Tensor>& saved, const at::Tensor& running_mean,
+    const at::Tensor& scale, int64_t activation, bool input_grad, bool residual_grad) {
+  check_affine_backward_args(grad_output, input, saved, running_mean, scale, activation);
+  Backward b = checked_backward(grad_output, scale);
+  b.act = static_cast<Activation>(activation);
+  b.input = dense(input);
+  b.grad = in_layout_of(grad_output, b.input);
+  if (b.act != Activation::kIdentity) b.saved = in_layout_of(*saved, b.input);
+  b.mean = running_mean.to(b.acc).contiguous();
+  if (input_grad) b.grad_input = at::empty_like(b.input);
+  if (residual_grad) b.grad_residual = at::empty_like(b.input);
+  const auto sums = b.input.options().dtype(b.acc);
+  const int64_t C = b.input.size(1);
+  if (b.input.numel() == 0) {
+    b.sum_grad = at::zeros({C}, sums);
+    b.sum_centered = at::zeros({C}, sums);
+  } else {
+    b.sum_grad = at::empty({C}, sums);
+    b.sum_centered = at::empty({C}, sums);
+    loops.affine_backward(b);
+  }
+  auto none = [&] { return at::empty({0}, b.input.options()); };  // (outputs never alias)
+  return {input_grad ? b.grad_input : none(), residual_grad ? b.grad_residual : none(),
+          b.sum_grad, b.sum_centered};
 }
 
 }  // namespace frozennorm

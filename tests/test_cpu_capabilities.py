@@ -104,14 +104,16 @@ def test_invalid_own_override_warns_and_is_ignored():
 
 @pytest.mark.parametrize("name", [c for c in ORDER if c in runnable()[:-1]])
 def test_op_tests_pass_under_each_build(name):
-    """The op and fused-op tests (but the tracing ones, which run no loop of their own) in a
-    process that runs this build; the chosen build is what the rest of the suite tests."""
+    """The op, fused-op and affine-backward tests (but the tracing ones, which run no loop of
+    their own) in a process that runs this build; the chosen build is what the rest of the
+    suite tests."""
     assert chosen(FROZENNORM_CPU_CAPABILITY=name.lower())[0] == name
     full = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
     full["FROZENNORM_CPU_CAPABILITY"] = name.lower()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          str(TESTS / "test_op.py"), str(TESTS / "test_act_op.py"),
+         str(TESTS / "test_affine_backward.py"),
          "-k", "not opcheck and not compile and not export"],
         env=full, cwd=TESTS.parent, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -4,7 +4,8 @@
 
 namespace frozennorm::cpu::CPU_CAPABILITY {
 namespace {
-constexpr Kernels kLoops{nullptr, nullptr, &act_forward_dense_impl, &act_backward_dense_impl};
+constexpr Kernels kLoops{nullptr, nullptr, &act_forward_dense_impl, &act_backward_dense_impl,
+                          nullptr};
 [[maybe_unused]] const bool registered = register_this_build(kLoops);
 }  // namespace
 }  // namespace frozennorm::cpu::CPU_CAPABILITY

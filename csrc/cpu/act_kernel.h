@@ -90,6 +90,40 @@ struct ActForwardOp {
   }
 };
 
+// The gradient after the activation, ga = grad * act'(saved) rounded to the data dtype, at
+// flat offset k: the one rule of the fused backwards (ActBackwardOp, and AffineBackwardOp in
+// affine_backward_kernel.h). For the identity ga is grad itself and saved is not read.
+template <typename scalar_t, typename acc_t, Activation kAct>
+struct ActGrad {
+  using IO = VecIO<scalar_t, acc_t>;
+  using V = typename IO::AccVec;
+
+  static FROZENNORM_ALWAYS_INLINE acc_t scalar(const scalar_t* grad, const scalar_t* saved,
+                                               int64_t k) {
+    if constexpr (kAct == Activation::kIdentity) {
+      return static_cast<acc_t>(grad[k]);
+    } else {
+      return round_to<scalar_t>(
+          act_backward<kAct, Math>(static_cast<acc_t>(grad[k]), static_cast<acc_t>(saved[k])));
+    }
+  }
+
+  // IO::kStep values at k, as IO::kParts vectors (vectorized IO only)
+  static FROZENNORM_ALWAYS_INLINE void vec(const scalar_t* grad, const scalar_t* saved,
+                                           int64_t k, V* g) {
+    if constexpr (IO::kVectorized) {
+      IO::load(grad + k, g);
+      if constexpr (kAct != Activation::kIdentity) {
+        V sv[IO::kParts];
+        IO::load(saved + k, sv);
+        for (int part = 0; part < IO::kParts; ++part) g[part] = act_backward<kAct, Math>(g[part], sv[part]);
+        // (but for SiLU the gradient is grad_output or zero: already a value of the dtype)
+        if constexpr (!kRoundingCommutes<kAct>) IO::round(g);
+      }
+    }
+  }
+};
+
 // ga = round(grad * act'(saved)); out = ga * scale; extra (may be null) = ga, the residual's
 // gradient.
 template <typename scalar_t, typename acc_t_, Activation kAct>
@@ -98,6 +132,7 @@ struct ActBackwardOp {
   static constexpr bool kShift = false;
   using IO = VecIO<scalar_t, acc_t>;
   using V = typename IO::AccVec;
+  using Grad = ActGrad<scalar_t, acc_t, kAct>;
 
   const scalar_t* grad;
   const scalar_t* saved;
@@ -109,8 +144,7 @@ struct ActBackwardOp {
   }
 
   void scalar(int64_t k, acc_t, acc_t s, acc_t) const {
-    const acc_t ga = round_to<scalar_t>(
-        act_backward<kAct, Math>(static_cast<acc_t>(grad[k]), static_cast<acc_t>(saved[k])));
+    const acc_t ga = Grad::scalar(grad, saved, k);
     if (extra != nullptr) extra[k] = static_cast<scalar_t>(ga);
     out[k] = static_cast<scalar_t>(ga * s);
   }
@@ -118,12 +152,8 @@ struct ActBackwardOp {
   template <bool kStream>
   FROZENNORM_ALWAYS_INLINE void step(int64_t k, const V*, const V* s, const V*) const {
     if constexpr (IO::kVectorized) {
-      V g[IO::kParts], sv[IO::kParts];
-      IO::load(grad + k, g);
-      IO::load(saved + k, sv);
-      for (int part = 0; part < IO::kParts; ++part) g[part] = act_backward<kAct, Math>(g[part], sv[part]);
-      // (but for SiLU the gradient is grad_output or zero: already a value of the dtype)
-      if constexpr (!kRoundingCommutes<kAct>) IO::round(g);
+      V g[IO::kParts];
+      Grad::vec(grad, saved, k, g);
       if (extra != nullptr) IO::template store<kStream>(extra + k, g);
       for (int part = 0; part < IO::kParts; ++part) g[part] = g[part] * s[part];
       IO::template store<kStream>(out + k, g);

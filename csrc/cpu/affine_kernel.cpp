@@ -4,7 +4,7 @@
 
 namespace frozennorm::cpu::CPU_CAPABILITY {
 namespace {
-constexpr Kernels kLoops{&affine_dense_impl, &affine_iter_impl, nullptr, nullptr};
+constexpr Kernels kLoops{&affine_dense_impl, &affine_iter_impl, nullptr, nullptr, nullptr};
 [[maybe_unused]] const bool registered = register_this_build(kLoops);
 }  // namespace
 }  // namespace frozennorm::cpu::CPU_CAPABILITY

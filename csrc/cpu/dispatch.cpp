@@ -32,7 +32,7 @@ void take(Fn& slot, Fn fn) {
 bool built(Capability c) {
   const Kernels& k = registered[static_cast<int>(c)];
   return k.affine_dense != nullptr || k.affine_iter != nullptr || k.act_forward != nullptr ||
-      k.act_backward != nullptr;
+      k.act_backward != nullptr || k.affine_backward != nullptr;
 }
 
 // Does this CPU (and its OS, which must save the wider registers) run capability c?
@@ -100,9 +100,11 @@ Kernels resolve(Capability chosen) {
     take(out.affine_iter, k.affine_iter);
     take(out.act_forward, k.act_forward);
     take(out.act_backward, k.act_backward);
+    take(out.affine_backward, k.affine_backward);
   }
   TORCH_CHECK(out.affine_dense != nullptr && out.affine_iter != nullptr &&
-                  out.act_forward != nullptr && out.act_backward != nullptr,
+                  out.act_forward != nullptr && out.act_backward != nullptr &&
+                  out.affine_backward != nullptr,
               "frozennorm's library lacks its baseline CPU loops (csrc/cpu/*_kernel.cpp were "
               "not compiled into it): a broken build, rebuild frozennorm");
   return out;
@@ -116,6 +118,7 @@ bool register_kernels(Capability capability, const Kernels* kernels) {
   take(slot.affine_iter, kernels->affine_iter);
   take(slot.act_forward, kernels->act_forward);
   take(slot.act_backward, kernels->act_backward);
+  take(slot.affine_backward, kernels->affine_backward);
   return true;
 }
 

@@ -40,6 +40,10 @@ struct Kernels {
   // Fused epilogue backward: ga = grad_output * act'(saved), rounded to the data dtype;
   // out = ga * scale, and `extra`, if set, receives ga (the residual's gradient).
   void (*act_backward)(const DenseProblem&);
+  // The backward with the affine parameters' per-channel sums (AffineBackwardProblem), in
+  // one pass; the sums' order of operations depends on the shape alone, never on the
+  // number of threads.
+  void (*affine_backward)(const AffineBackwardProblem&);
 };
 
 // Called once per build of each *_kernel.cpp while the library loads.

@@ -1,6 +1,6 @@
-// CPU implementation of the frozennorm ops: frozen_bn, frozen_bn_backward, and the fused
-// epilogues frozen_bn_act, frozen_bn_act_backward: the loops (dispatch.h) behind the fronts
-// every device shares (op_fronts.h).
+// CPU implementation of the frozennorm ops: frozen_bn, frozen_bn_backward, the fused
+// epilogues frozen_bn_act, frozen_bn_act_backward, and frozen_bn_affine_backward: the loops
+// (dispatch.h) behind the fronts every device shares (op_fronts.h).
 #include "../op_fronts.h"
 #include "dispatch.h"
 #include "kernel_problem.h"
@@ -23,18 +23,21 @@ at::Tensor as_compute(const at::Tensor& t, at::ScalarType acc) {
   return t.scalar_type() == acc ? t : t.to(acc);
 }
 
+// The `inner` of a dense tensor seen as [outer, C, inner] in flat memory: the channel of
+// memory offset k is (k / stride(1)) % C.
+int64_t inner_of(const at::Tensor& dense) {
+  return dense.size(1) == 1 ? dense.numel() : dense.stride(1);
+}
+
 // The flat view of dense `in` and `out` (same strides) the loops walk.
 DenseProblem dense_problem(const at::Tensor& in, const at::Tensor& out, const at::Tensor& scale,
                            const at::Tensor& mean, const at::Tensor& shift) {
   const int64_t numel = in.numel();
-  const int64_t C = in.size(1);
   return DenseProblem{
       in.const_data_ptr(), out.mutable_data_ptr(),
       mean.defined() ? mean.const_data_ptr() : nullptr, scale.const_data_ptr(),
       shift.defined() ? shift.const_data_ptr() : nullptr,
-      numel, C,
-      // In a dense tensor the channel of memory offset k is (k / stride(1)) % C.
-      C == 1 ? numel : in.stride(1),
+      numel, in.size(1), inner_of(in),
       in.scalar_type(), scale.scalar_type(),
       numel * static_cast<int64_t>(in.element_size()) >= kStreamBytes};
 }
@@ -116,6 +119,16 @@ struct Loops {
     kernels().act_backward(p);
   }
 
+  void affine_backward(const Backward& b) {
+    auto data = [](const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; };
+    kernels().affine_backward(AffineBackwardProblem{
+        b.grad.const_data_ptr(), b.input.const_data_ptr(),
+        b.saved.defined() ? b.saved.const_data_ptr() : nullptr, b.mean.const_data_ptr(),
+        b.scale.const_data_ptr(), data(b.grad_input), data(b.grad_residual),
+        b.sum_grad.mutable_data_ptr(), b.sum_centered.mutable_data_ptr(), b.input.numel(),
+        b.input.size(1), inner_of(b.input), b.input.scalar_type(), b.acc, b.act});
+  }
+
  private:
   // A forward's per-channel parameters in the compute dtype (shift: zeros without a bias).
   struct Params {
@@ -160,6 +173,15 @@ std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_cpu(
                                       residual_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> frozen_bn_affine_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& saved,
+    const at::Tensor& running_mean, const at::Tensor& scale, int64_t activation, bool input_grad,
+    bool residual_grad) {
+  Loops loops;
+  return frozen_bn_affine_backward_front(loops, grad_output, input, saved, running_mean, scale,
+                                         activation, input_grad, residual_grad);
+}
+
 }  // namespace
 }  // namespace frozennorm::cpu
 
@@ -168,4 +190,5 @@ TORCH_LIBRARY_IMPL(frozennorm, CPU, m) {
   m.impl("frozen_bn_backward", &frozennorm::cpu::frozen_bn_backward_cpu);
   m.impl("frozen_bn_act", &frozennorm::cpu::frozen_bn_act_cpu);
   m.impl("frozen_bn_act_backward", &frozennorm::cpu::frozen_bn_act_backward_cpu);
+  m.impl("frozen_bn_affine_backward", &frozennorm::cpu::frozen_bn_affine_backward_cpu);
 }

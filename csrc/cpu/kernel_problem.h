@@ -36,4 +36,28 @@ struct DenseProblem {
                                    // backward: the gradient of the residual
 };
 
+// The backward when the affine parameters (or the statistics) train, over dense tensors with
+// identical strides seen as DenseProblem's flat memory [outer, C, inner]:
+//   ga = grad * act'(saved), rounded to the data dtype (ga = grad for the identity),
+//   grad_input = ga * scale and grad_residual = ga (each only where not null),
+//   sum_grad[c] = sum of ga, sum_centered[c] = sum of ga * (input - mean[c]) over channel c.
+// mean and scale are C values of the compute dtype, the sums C values of it to fill.
+struct AffineBackwardProblem {
+  const void* grad;
+  const void* input;
+  const void* saved;  // null for the identity
+  const void* mean;
+  const void* scale;
+  void* grad_input;     // may be null
+  void* grad_residual;  // may be null
+  void* sum_grad;
+  void* sum_centered;
+  int64_t numel;
+  int64_t C;
+  int64_t inner;
+  at::ScalarType data_type;
+  at::ScalarType acc_type;
+  Activation act;
+};
+
 }  // namespace frozennorm::cpu

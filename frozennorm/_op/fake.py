@@ -48,8 +48,7 @@ def _frozen_bn_affine_backward_fake(grad_output, input, saved, running_mean, sca
                                     input_grad, residual_grad):
     acc = check_affine_backward(grad_output, input, saved, running_mean, scale, activation)
     like = input if is_dense(input) else input.contiguous()
-    empty = grad_output.new_empty((0,))
     C = input.shape[1]
-    return (torch.empty_like(like) if input_grad else empty,
-            torch.empty_like(like) if residual_grad else empty,
+    return (torch.empty_like(like) if input_grad else grad_output.new_empty((0,)),
+            torch.empty_like(like) if residual_grad else grad_output.new_empty((0,)),
             input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc))

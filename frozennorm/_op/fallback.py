@@ -135,10 +135,10 @@ def frozen_bn_affine_backward_fallback(grad_output: Tensor, input: Tensor, saved
     sum_grad = g.sum(dims)
     centered = as_dtype(input, acc) - channel_view(as_dtype(running_mean, acc), input.dim())
     sum_centered = (g * centered).sum(dims)
-    empty = grad_output.new_empty((0,))
     grad_input = (torch.empty_like(like).copy_(affine(ga, None, scale.to(acc), None, acc))
-                  if input_grad else empty)
-    grad_residual = torch.empty_like(like).copy_(ga) if residual_grad else empty
+                  if input_grad else grad_output.new_empty((0,)))
+    grad_residual = (torch.empty_like(like).copy_(ga) if residual_grad
+                     else grad_output.new_empty((0,)))  # (outputs never alias)
     return grad_input, grad_residual, sum_grad, sum_centered
 
 

@@ -96,8 +96,8 @@ def check_forward(input, weight, bias, running_mean, running_var) -> torch.dtype
     return compute_dtype(input.dtype, stats_dtype(weight, bias, running_mean, running_var))
 
 
-def check_backward(grad_output: Tensor, scale: Tensor) -> torch.dtype:
-    op = "frozen_bn_backward"
+def check_backward(grad_output: Tensor, scale: Tensor, op: str = "frozen_bn_backward"
+                   ) -> torch.dtype:
     check_data(grad_output, "grad_output", op)
     check_per_channel(scale, "scale", grad_output, "grad_output", op,
                       (torch.float32, torch.float64),
@@ -110,12 +110,16 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def check_act(input: Tensor, residual: Optional[Tensor], activation: int) -> None:
-    op = "frozen_bn_act"
+def check_activation(activation: int, op: str) -> None:
     if activation not in (IDENTITY, RELU, RELU6, SILU):
         raise RuntimeError(
             f"{op}: activation must be 0 (identity), 1 (relu), 2 (relu6) or 3 (silu), got "
             f"{activation}")
+
+
+def check_act(input: Tensor, residual: Optional[Tensor], activation: int) -> None:
+    op = "frozen_bn_act"
+    check_activation(activation, op)
     if residual is None:
         return
     if residual.device != input.device:
@@ -166,9 +170,8 @@ def check_act_backward(grad_output: Tensor, saved: Tensor, scale: Tensor,
 def check_affine_backward(grad_output: Tensor, input: Tensor, saved: Optional[Tensor],
                           running_mean: Tensor, scale: Tensor, activation: int) -> torch.dtype:
     op = "frozen_bn_affine_backward"
-    acc = check_backward(grad_output, scale)
-    if activation not in (IDENTITY, RELU, RELU6, SILU):
-        raise RuntimeError(f"{op}: activation must be 0..3, got {activation}")
+    acc = check_backward(grad_output, scale, op)
+    check_activation(activation, op)
     for t, name in ((input, "input"), (saved, "saved")):
         if t is None:
             continue

@@ -1,0 +1,194 @@
+"""Training with trainable affine parameters on the CPU: a frozen BatchNorm whose weight and
+bias require grad (mmdet's ``norm_eval=True, requires_grad=True``), forward + backward to
+the input, weight and bias, side by side with the only peer and with the fully frozen op:
+
+    affine     frozennorm.frozen_batch_norm(x, mean, var, weight, bias), weight and bias
+               nn.Parameters: the fused forward, then frozen_bn_affine_backward (one pass
+               for the input's gradient and the per-channel sums of weight's and bias's)
+    batchnorm  nn.BatchNorm2d in eval() with trainable weight and bias (float32 parameters,
+               the input in its dtype, as under autocast)
+    frozen     the same frozen_batch_norm with weight and bias plain tensors: the fully
+               frozen module's forward + backward to the input alone
+
+Each is ``torch.autograd.grad`` of the output (with a random gradient in the input's layout)
+to everything that requires grad, timed in interleaved rounds with the benchmark's timer,
+heap setting and busy-machine retries. Targets (issue 24): affine at or below batchnorm on
+every shape, and within 1.5x of frozen.
+
+    python benchmarks/affine_backward.py --out benchmarks/results/cpu/affine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import frozennorm
+from frozennorm.bench.cases import DTYPES, LAYOUTS, SHAPES, shape_str
+from frozennorm.bench.report import fmt_ratio, fmt_time, geomean, load_average, metadata, table
+from frozennorm.bench.timing import BUSY_LOAD, CpuTimer, configure_cpu_malloc, timed_rounds
+
+#: the benchmark's presets of at least 1 MB in float16/bfloat16 (as benchmarks/cpu_kernels.py)
+DEFAULT_SHAPES = [n for n, s in SHAPES.items() if math.prod(s) * 2 >= 1 << 20]
+CONTENDERS = ("affine", "batchnorm", "frozen")
+#: affine / batchnorm at most 1, affine / frozen at most 1.5
+TARGETS = {"batchnorm": 1.0, "frozen": 1.5}
+
+
+def prepare(shape, dtype: str, layout: str) -> Dict[str, Callable[[], object]]:
+    """The three contenders' training calls on one input."""
+    gen = torch.Generator().manual_seed(0)
+    C = shape[1]
+    x = torch.randn(shape, generator=gen).to(DTYPES[dtype]).contiguous(
+        memory_format=LAYOUTS[layout]).requires_grad_()
+    g = torch.empty_like(x).normal_(generator=gen)
+    bn = torch.nn.BatchNorm2d(C).eval()
+    with torch.no_grad():
+        bn.weight.normal_(generator=gen)
+        bn.bias.normal_(generator=gen)
+        bn.running_mean.normal_(generator=gen)
+        bn.running_var.uniform_(0.5, 2.0, generator=gen)
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    weight = torch.nn.Parameter(bn.weight.detach().clone())
+    bias = torch.nn.Parameter(bn.bias.detach().clone())
+    w0, b0 = weight.detach().clone(), bias.detach().clone()
+    return {
+        "affine": lambda: torch.autograd.grad(
+            frozennorm.frozen_batch_norm(x, mean, var, weight, bias), (x, weight, bias), g),
+        "batchnorm": lambda: torch.autograd.grad(bn(x), (x, bn.weight, bn.bias), g),
+        "frozen": lambda: torch.autograd.grad(
+            frozennorm.frozen_batch_norm(x, mean, var, w0, b0), (x,), g),
+    }
+
+
+def run(shapes: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str], rounds: int,
+        min_run_time: float, retries: int) -> List[Dict]:
+    timer = CpuTimer(min_run_time)
+    cases = [(s, d, l) for s in shapes for d in dtypes for l in layouts]
+    rows = []
+    for i, (name, dtype, layout) in enumerate(cases):
+        calls = prepare(SHAPES[name], dtype, layout)
+        stats, load = timed_rounds({k: timer.prepare(f) for k, f in calls.items()}, rounds,
+                                   retries)
+        row = {"shape_name": name, "shape": list(SHAPES[name]), "dtype": dtype,
+               "layout": layout, **{k: stats[k].as_dict() for k in calls},
+               "foreign_load": load, "busy": load is not None and load > BUSY_LOAD}
+        for peer in TARGETS:
+            row[f"vs_{peer}"] = stats["affine"].median / stats[peer].median
+        rows.append(row)
+        print(f"[{i + 1}/{len(cases)}] {name} {dtype} {layout}: affine "
+              f"{fmt_time(stats['affine'].median)}, x batchnorm {fmt_ratio(row['vs_batchnorm'])}, "
+              f"x frozen {fmt_ratio(row['vs_frozen'])}{busy_mark(row)}", file=sys.stderr,
+              flush=True)
+    return rows
+
+
+def busy_mark(row: Dict) -> str:
+    """" (busy)" after the figures of a case timed while other processes kept the CPU busy."""
+    return " (busy)" if row["busy"] else ""
+
+
+def summarize(rows: Sequence[Dict]) -> List[List[str]]:
+    """Per dtype and layout: geometric means over shapes of affine / batchnorm and affine /
+    frozen (range), and the shapes that miss a target; busy cases left out."""
+    groups: Dict[tuple, List[Dict]] = defaultdict(list)
+    for r in rows:
+        if not r["busy"]:
+            groups[(r["dtype"], r["layout"])].append(r)
+    out = []
+    for (dtype, layout), rs in groups.items():
+        cells = [dtype, layout, str(len(rs))]
+        for peer, target in TARGETS.items():
+            ratios = [r[f"vs_{peer}"] for r in rs]
+            missed = [r["shape_name"] for r in rs if r[f"vs_{peer}"] > target]
+            cells += [fmt_ratio(geomean(ratios)), f"{min(ratios):.2f}-{max(ratios):.2f}",
+                      ", ".join(missed) or "none"]
+        out.append(cells)
+    return out
+
+
+SUMMARY_HEADERS = ["dtype", "layout", "shapes", "affine / batchnorm", "range",
+                   "above 1.0x", "affine / frozen", "range", "above 1.5x"]
+
+
+def busy_note(rows: Sequence[Dict]) -> str:
+    busy = sum(r["busy"] for r in rows)
+    return (f"{busy} of {len(rows)} cases were timed while other processes kept the CPU busy: "
+            "left out of the summary, marked (busy) case by case." if busy else "")
+
+
+def write(out_dir, meta: Dict, rows: Sequence[Dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "affine.json").write_text(json.dumps({"metadata": meta, "cases": rows},
+                                                    indent=1) + "\n")
+    per_case = table(["shape", "dtype", "layout", "affine", "batchnorm", "frozen",
+                      "affine / batchnorm", "affine / frozen"],
+                     [[f"{r['shape_name']} {shape_str(r['shape'])}", r["dtype"], r["layout"],
+                       fmt_time(r["affine"]["median"]), fmt_time(r["batchnorm"]["median"]),
+                       fmt_time(r["frozen"]["median"]),
+                       fmt_ratio(r["vs_batchnorm"]) + busy_mark(r),
+                       fmt_ratio(r["vs_frozen"]) + busy_mark(r)] for r in rows], markdown=True)
+    load = meta["load_average"], meta["load_average_end"]
+    (out_dir / "affine.md").write_text(
+        "# Trainable affine, frozen statistics: forward + backward on the CPU\n\n"
+        f"{meta['cpu_model']}, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
+        f"CPU kernels' capability {meta['capability']}; {meta['date']}; load average "
+        f"{load[0]} at the start, {load[1]} at the end; {meta['elapsed_s']} s.\n\n"
+        f"`{meta['command']}`\n\n"
+        "Each contender: `torch.autograd.grad` of its output to everything that requires grad. "
+        "affine: `frozennorm.frozen_batch_norm` with weight and bias `nn.Parameter`s (grads "
+        "of x, weight, bias); batchnorm: `nn.BatchNorm2d` in `eval()` with trainable weight "
+        "and bias (same grads); frozen: `frozen_batch_norm` with plain tensors (grad of x "
+        "alone). Medians of interleaved rounds. Targets: affine / batchnorm <= 1, "
+        "affine / frozen <= 1.5.\n\n"
+        f"## Summary (geometric mean over shapes)\n\n"
+        f"{table(SUMMARY_HEADERS, summarize(rows), markdown=True)}\n\n"
+        + (f"{busy_note(rows)}\n\n" if busy_note(rows) else "")
+        + f"## Per case\n\n{per_case}\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default=",".join(DEFAULT_SHAPES),
+                   help=f"comma list of presets (default: {','.join(DEFAULT_SHAPES)})")
+    p.add_argument("--dtype", default="float32,bfloat16,float16")
+    p.add_argument("--layout", default="nchw,channels_last")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--min-run-time", type=float, default=0.05)
+    p.add_argument("--busy-retries", type=int, default=2)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    split = lambda s: [t for t in s.split(",") if t]  # noqa: E731
+    start = time.monotonic()
+    settings = {"cpu_malloc": configure_cpu_malloc("keep"), "rounds": args.repeat,
+                "min_run_time": args.min_run_time, "busy_retries": args.busy_retries}
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+    meta = metadata("cpu", "python benchmarks/affine_backward.py " + shlex.join(argv_used),
+                    settings)
+    meta["capability"] = torch.ops.frozennorm._cpu_capability()
+    rows = run(split(args.shape), split(args.dtype), split(args.layout), args.repeat,
+               args.min_run_time, args.busy_retries)
+    meta["elapsed_s"] = round(time.monotonic() - start, 1)
+    meta["load_average_end"] = load_average()
+    print(table(SUMMARY_HEADERS, summarize(rows)))
+    if busy_note(rows):
+        print(busy_note(rows))
+    if args.out:
+        write(args.out, meta, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
