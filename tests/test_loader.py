@@ -245,6 +245,17 @@ def test_schemas_of_fallback_match_compiled():
     assert len(defined) == 5
 
 
+
+def test_every_op_has_its_cpu_kernel():
+    """Every op runs its C++ CPU kernel, not the pure-PyTorch one registered for the other
+    devices (a stale build whose sources predate an op would pass the numeric tests on the
+    fallback alone)."""
+    if not ops.COMPILED:
+        pytest.skip("the compiled extension is not installed")
+    missing = [name for name in ops.SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "frozennorm::" + name, "CPU")]
+    assert missing == []
+
 def test_cpu_kernels_run_on_all_torch_threads():
     """at::parallel_for, as compiled into the extension, uses torch's intra-op threads (a
     build without its parallel backend's flags runs every CPU kernel on one thread)."""
