@@ -173,6 +173,7 @@ _FOREIGN_TARGETS: Dict[Tuple[str, str], Target] = {
     ("torchvision", "FrozenBatchNorm2d"): FrozenBatchNorm2d,
     ("detectron2", "FrozenBatchNorm2d"): FrozenBatchNorm2d,
     ("detectron2", "NaiveSyncBatchNorm"): FrozenBatchNorm2d,
+    ("mmdet", "FrozenBatchNorm2d"): FrozenBatchNorm2d,  # norm_cfg type "FrozenBN"
     ("apex", "SyncBatchNorm"): FrozenBatchNorm,
 }
 # Hugging Face transformers' frozen layers (DetrFrozenBatchNorm2d and its copies in RT-DETR,

@@ -34,6 +34,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+import warnings
 from typing import Dict, List
 
 import pytest
@@ -356,6 +357,31 @@ def test_mmdet_resnet_converted_trains_with_statistics_fixed(norm):
             assert torch.equal(stats[name][k], norm_stats(model)[name][k]), (name, k)
     assert torch.equal(model.conv1.weight, conv1)  # frozen stage: no gradient
     assert not torch.equal(model.layer2[0].conv1.weight, layer2)  # the step did train
+
+
+def test_mmdet_own_frozen_bn_converts_like_detectron2s():
+    """mmdet's ``FrozenBatchNorm2d`` (``norm_cfg=dict(type="FrozenBN")``, detectron2's
+    formula, eps an attribute) converts without a warning to ``FrozenBatchNorm2d`` with its
+    eps; the output is mmdet's (input requiring grad or not), the statistics as they were."""
+    original = build(resnet_cfg(norm_cfg=dict(type="FrozenBN", eps=1e-3), frozen_stages=-1,
+                                norm_eval=False))
+    x = images()
+    with torch.no_grad():
+        ref = original(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", frozennorm.FrozenNormWarning)
+        model, report = frozennorm.convert_frozen_bn(copy.deepcopy(original), report=True)
+    assert len(report.converted) == RESNET50_BN and not report.skipped
+    layers = [m for m in model.modules() if isinstance(m, FrozenBatchNorm)]
+    assert all(type(m) is FrozenBatchNorm2d and m.eps == 1e-3 for m in layers)
+    assert changed(norm_stats(original), norm_stats(model)) == []
+    with torch.no_grad():
+        out = model(x)
+    for a, b in zip(out, ref):
+        assert_close_rel(a, b, RTOL)
+    grad_input = images().requires_grad_()
+    for a, b in zip(model(grad_input), original(grad_input)):
+        assert_close_rel(a.detach(), b.detach(), RTOL)
 
 
 @pytest.mark.parametrize("scope", ["backbone", None], ids=["backbone", "whole"])
