@@ -26,12 +26,13 @@ import shlex
 import sys
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import frozennorm
 from frozennorm.bench.cases import DTYPES, LAYOUTS, SHAPES, shape_str
+from frozennorm.bench.memory import forward_footprint
 from frozennorm.bench.report import fmt_ratio, fmt_time, geomean, load_average, metadata, table
 from frozennorm.bench.timing import BUSY_LOAD, CpuTimer, configure_cpu_malloc, timed_rounds
 
@@ -42,8 +43,8 @@ CONTENDERS = ("affine", "batchnorm", "frozen")
 TARGETS = {"batchnorm": 1.0, "frozen": 1.5}
 
 
-def prepare(shape, dtype: str, layout: str) -> Dict[str, Callable[[], object]]:
-    """The three contenders' training calls on one input."""
+def prepare(shape, dtype: str, layout: str) -> Dict[str, Tuple[Callable, Callable]]:
+    """The three contenders' (forward, training call: forward + backward) on one input."""
     gen = torch.Generator().manual_seed(0)
     C = shape[1]
     x = torch.randn(shape, generator=gen).to(DTYPES[dtype]).contiguous(
@@ -59,13 +60,14 @@ def prepare(shape, dtype: str, layout: str) -> Dict[str, Callable[[], object]]:
     weight = torch.nn.Parameter(bn.weight.detach().clone())
     bias = torch.nn.Parameter(bn.bias.detach().clone())
     w0, b0 = weight.detach().clone(), bias.detach().clone()
-    return {
-        "affine": lambda: torch.autograd.grad(
-            frozennorm.frozen_batch_norm(x, mean, var, weight, bias), (x, weight, bias), g),
-        "batchnorm": lambda: torch.autograd.grad(bn(x), (x, bn.weight, bn.bias), g),
-        "frozen": lambda: torch.autograd.grad(
-            frozennorm.frozen_batch_norm(x, mean, var, w0, b0), (x,), g),
+    forwards = {
+        "affine": (lambda: frozennorm.frozen_batch_norm(x, mean, var, weight, bias),
+                   (x, weight, bias)),
+        "batchnorm": (lambda: bn(x), (x, bn.weight, bn.bias)),
+        "frozen": (lambda: frozennorm.frozen_batch_norm(x, mean, var, w0, b0), (x,)),
     }
+    return {name: (forward, lambda f=forward, i=inputs: torch.autograd.grad(f(), i, g))
+            for name, (forward, inputs) in forwards.items()}
 
 
 def run(shapes: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str], rounds: int,
@@ -75,10 +77,13 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str], ro
     rows = []
     for i, (name, dtype, layout) in enumerate(cases):
         calls = prepare(SHAPES[name], dtype, layout)
-        stats, load = timed_rounds({k: timer.prepare(f) for k, f in calls.items()}, rounds,
-                                   retries)
+        # what each keeps for its backward (bytes, per storage), then the timings
+        saved = {k: forward_footprint(forward)[0] for k, (forward, _) in calls.items()}
+        stats, load = timed_rounds({k: timer.prepare(step) for k, (_, step) in calls.items()},
+                                   rounds, retries)
         row = {"shape_name": name, "shape": list(SHAPES[name]), "dtype": dtype,
                "layout": layout, **{k: stats[k].as_dict() for k in calls},
+               "saved_bytes": saved,
                "foreign_load": load, "busy": load is not None and load > BUSY_LOAD}
         for peer in TARGETS:
             row[f"vs_{peer}"] = stats["affine"].median / stats[peer].median
@@ -129,12 +134,15 @@ def write(out_dir, meta: Dict, rows: Sequence[Dict]) -> None:
     (out_dir / "affine.json").write_text(json.dumps({"metadata": meta, "cases": rows},
                                                     indent=1) + "\n")
     per_case = table(["shape", "dtype", "layout", "affine", "batchnorm", "frozen",
-                      "affine / batchnorm", "affine / frozen"],
+                      "affine / batchnorm", "affine / frozen",
+                      "saved for backward (MB): affine / batchnorm / frozen"],
                      [[f"{r['shape_name']} {shape_str(r['shape'])}", r["dtype"], r["layout"],
                        fmt_time(r["affine"]["median"]), fmt_time(r["batchnorm"]["median"]),
                        fmt_time(r["frozen"]["median"]),
                        fmt_ratio(r["vs_batchnorm"]) + busy_mark(r),
-                       fmt_ratio(r["vs_frozen"]) + busy_mark(r)] for r in rows], markdown=True)
+                       fmt_ratio(r["vs_frozen"]) + busy_mark(r),
+                       " / ".join(f"{r['saved_bytes'][k] / 1e6:.1f}" for k in CONTENDERS)]
+                      for r in rows], markdown=True)
     load = meta["load_average"], meta["load_average_end"]
     (out_dir / "affine.md").write_text(
         "# Trainable affine, frozen statistics: forward + backward on the CPU\n\n"
@@ -146,7 +154,9 @@ def write(out_dir, meta: Dict, rows: Sequence[Dict]) -> None:
         "affine: `frozennorm.frozen_batch_norm` with weight and bias `nn.Parameter`s (grads "
         "of x, weight, bias); batchnorm: `nn.BatchNorm2d` in `eval()` with trainable weight "
         "and bias (same grads); frozen: `frozen_batch_norm` with plain tensors (grad of x "
-        "alone). Medians of interleaved rounds. Targets: affine / batchnorm <= 1, "
+        "alone). Medians of interleaved rounds. Saved for backward: the tensors each forward "
+        "keeps for its backward (`torch.autograd.graph.saved_tensors_hooks`, once per "
+        "storage). Targets: affine / batchnorm <= 1, "
         "affine / frozen <= 1.5.\n\n"
         f"## Summary (geometric mean over shapes)\n\n"
         f"{table(SUMMARY_HEADERS, summarize(rows), markdown=True)}\n\n"

@@ -365,6 +365,30 @@ def test_cpu_kernels_script(tmp_path):
     assert kernels.step_table(busy_rows).count("(busy)") == 3
 
 
+
+def test_affine_backward_script(tmp_path):
+    """benchmarks/affine_backward.py (trainable affine against nn.BatchNorm2d eval with
+    trainable weight/bias and the fully frozen op): one small case, the files written, the
+    ratios and the bytes each forward keeps for its backward (the trainable variants keep
+    the input, the frozen op one value per channel)."""
+    script = ROOT / "benchmarks" / "affine_backward.py"
+    out = tmp_path / "affine"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--shape", "small-c2", "--dtype", "bfloat16",
+         "--layout", "channels_last", "--repeat", "1", "--min-run-time", "0.001",
+         "--busy-retries", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=checkout_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row, = json.loads((out / "affine.json").read_text())["cases"]
+    assert (row["shape_name"], row["dtype"], row["layout"]) == ("small-c2", "bfloat16",
+                                                                 "channels_last")
+    assert row["vs_batchnorm"] > 0 and row["vs_frozen"] > 0
+    input_bytes = 256 * 56 * 56 * 2
+    assert row["saved_bytes"]["affine"] >= input_bytes
+    assert row["saved_bytes"]["frozen"] < input_bytes // 100
+    md = (out / "affine.md").read_text()
+    assert "## Summary" in md and "saved for backward" in md
+
 def test_sources_digest_follows_every_csrc_file(tmp_path):
     from frozennorm._sources import sources_digest
 
