@@ -1,4 +1,4 @@
-"""Training with trainable affine parameters on the CPU: a frozen BatchNorm whose weight and
+"""Training with trainable affine parameters (CPU, or CUDA with --device cuda): a frozen BatchNorm whose weight and
 bias require grad (mmdet's ``norm_eval=True, requires_grad=True``), forward + backward to
 the input, weight and bias, side by side with the only peer and with the fully frozen op:
 
@@ -34,7 +34,7 @@ import frozennorm
 from frozennorm.bench.cases import DTYPES, LAYOUTS, SHAPES, shape_str
 from frozennorm.bench.memory import forward_footprint
 from frozennorm.bench.report import fmt_ratio, fmt_time, geomean, load_average, metadata, table
-from frozennorm.bench.timing import BUSY_LOAD, CpuTimer, configure_cpu_malloc, timed_rounds
+from frozennorm.bench.timing import BUSY_LOAD, configure_cpu_malloc, make_timer, timed_rounds
 
 #: the benchmark's presets of at least 1 MB in float16/bfloat16 (as benchmarks/cpu_kernels.py)
 DEFAULT_SHAPES = [n for n, s in SHAPES.items() if math.prod(s) * 2 >= 1 << 20]
@@ -43,19 +43,21 @@ CONTENDERS = ("affine", "batchnorm", "frozen")
 TARGETS = {"batchnorm": 1.0, "frozen": 1.5}
 
 
-def prepare(shape, dtype: str, layout: str) -> Dict[str, Tuple[Callable, Callable]]:
+def prepare(shape, dtype: str, layout: str, device: str = "cpu") -> Dict[str, Tuple[Callable, Callable]]:
     """The three contenders' (forward, training call: forward + backward) on one input."""
     gen = torch.Generator().manual_seed(0)
     C = shape[1]
-    x = torch.randn(shape, generator=gen).to(DTYPES[dtype]).contiguous(
+    x = torch.randn(shape, generator=gen).to(device, DTYPES[dtype]).contiguous(
         memory_format=LAYOUTS[layout]).requires_grad_()
-    g = torch.empty_like(x).normal_(generator=gen)
+    g = torch.randn(shape, generator=gen).to(device, DTYPES[dtype]).contiguous(
+        memory_format=LAYOUTS[layout])
     bn = torch.nn.BatchNorm2d(C).eval()
     with torch.no_grad():
         bn.weight.normal_(generator=gen)
         bn.bias.normal_(generator=gen)
         bn.running_mean.normal_(generator=gen)
         bn.running_var.uniform_(0.5, 2.0, generator=gen)
+    bn.to(device)
     mean, var = bn.running_mean.clone(), bn.running_var.clone()
     weight = torch.nn.Parameter(bn.weight.detach().clone())
     bias = torch.nn.Parameter(bn.bias.detach().clone())
@@ -71,12 +73,12 @@ def prepare(shape, dtype: str, layout: str) -> Dict[str, Tuple[Callable, Callabl
 
 
 def run(shapes: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str], rounds: int,
-        min_run_time: float, retries: int) -> List[Dict]:
-    timer = CpuTimer(min_run_time)
+        min_run_time: float, retries: int, device: str = "cpu") -> List[Dict]:
+    timer = make_timer(device, min_run_time)
     cases = [(s, d, l) for s in shapes for d in dtypes for l in layouts]
     rows = []
     for i, (name, dtype, layout) in enumerate(cases):
-        calls = prepare(SHAPES[name], dtype, layout)
+        calls = prepare(SHAPES[name], dtype, layout, device)
         # what each keeps for its backward (bytes, per storage), then the timings
         saved = {k: forward_footprint(forward)[0] for k, (forward, _) in calls.items()}
         stats, load = timed_rounds({k: timer.prepare(step) for k, (_, step) in calls.items()},
@@ -145,7 +147,8 @@ def write(out_dir, meta: Dict, rows: Sequence[Dict]) -> None:
                       for r in rows], markdown=True)
     load = meta["load_average"], meta["load_average_end"]
     (out_dir / "affine.md").write_text(
-        "# Trainable affine, frozen statistics: forward + backward on the CPU\n\n"
+        "# Trainable affine, frozen statistics: forward + backward on "
+        f"{'the CPU' if meta['device'] == 'cpu' else meta['device_name']}\n\n"
         f"{meta['cpu_model']}, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
         f"CPU kernels' capability {meta['capability']}; {meta['date']}; load average "
         f"{load[0]} at the start, {load[1]} at the end; {meta['elapsed_s']} s.\n\n"
@@ -176,6 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--min-run-time", type=float, default=0.05)
     p.add_argument("--busy-retries", type=int, default=2)
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.threads:
@@ -185,11 +189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = {"cpu_malloc": configure_cpu_malloc("keep"), "rounds": args.repeat,
                 "min_run_time": args.min_run_time, "busy_retries": args.busy_retries}
     argv_used = list(sys.argv[1:] if argv is None else argv)
-    meta = metadata("cpu", "python benchmarks/affine_backward.py " + shlex.join(argv_used),
+    meta = metadata(args.device, "python benchmarks/affine_backward.py " + shlex.join(argv_used),
                     settings)
     meta["capability"] = torch.ops.frozennorm._cpu_capability()
     rows = run(split(args.shape), split(args.dtype), split(args.layout), args.repeat,
-               args.min_run_time, args.busy_retries)
+               args.min_run_time, args.busy_retries, args.device)
     meta["elapsed_s"] = round(time.monotonic() - start, 1)
     meta["load_average_end"] = load_average()
     print(table(SUMMARY_HEADERS, summarize(rows)))
