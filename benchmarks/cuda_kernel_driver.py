@@ -14,7 +14,7 @@ vector, every vector width through misaligned views), the rows kernel (channels-
 (N, C), every vector width through C), the strided kernel (sliced views, expanded
 gradients), of the forward, the backward and the fused epilogues (every activation, with
 and without residual), the affine backward (its sums kernels of planes and rows, every
-activation, with and without each gradient, then the reduction); empty tensors; with --index64 (FROZENNORM_CUDA_INDEX64=1) the 64-bit
+activation and every choice of gradients, then the reduction); empty tensors; with --index64 (FROZENNORM_CUDA_INDEX64=1) the 64-bit
 index kernels instead of the 32-bit ones. Every result is compared with the CPU kernel's:
 bit for bit where the CPU build computes with FMA (SiLU: within the exp's last bit; the
 affine backward's sums, added in another order: within 4096 roundings of their sums of
@@ -57,7 +57,8 @@ def main(argv=None):
     parser.add_argument("--index64", action="store_true",
                         help="every launch with 64-bit index math (FROZENNORM_CUDA_INDEX64=1)")
     parser.add_argument("--only-affine", action="store_true",
-                        help="only the affine backward (the kernels with shared memory)")
+                        help="only the affine backward (the kernels with shared memory), "
+                             "float16 and float64 data")
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); cpu runs the same calls against the CPU kernels "
                              "themselves: a dry run of this script")
@@ -114,20 +115,23 @@ def main(argv=None):
         _, scale = ops.frozen_bn(x, *st, 1e-5)
         m_dev = m.to(dev)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        for act in range(4):
+        # each activation once, each with another pair of (input_grad, residual_grad) flags
+        for act, flags in enumerate(((True, True), (True, False), (False, True), (False, False))):
             g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
             saved_c = None if act == 0 else torch.randn(x.shape, dtype=torch.float64).mul(4).to(x.dtype)
             saved = None if saved_c is None else saved_c.to(dev)
-            for flags in ((True, True), (True, False), (False, True), (False, False)):
-                got = ops.frozen_bn_affine_backward(g.to(dev), x, saved, m_dev, scale, act, *flags)
-                want = ops.frozen_bn_affine_backward(g, xc, saved_c, m, scale.cpu(), act, *flags)
-                for a, e, part in zip(got[:2], want[:2], ("grad_input", "grad_residual")):
-                    check(f"affine act{act} {flags} {part} {tag}", a, e, silu=act == 3)
-                ga = ops.frozen_bn_affine_backward(g, xc, saved_c, m, scale.cpu(), act, False, True)[1]
-                xcen = xc.double() - m.to(want[2].dtype).double().view(shape)
-                check_sums(f"affine act{act} {flags} {tag}", got[2:], want[2:], ga.double(), xcen)
+            got = ops.frozen_bn_affine_backward(g.to(dev), x, saved, m_dev, scale, act, *flags)
+            want = ops.frozen_bn_affine_backward(g, xc, saved_c, m, scale.cpu(), act, *flags)
+            for a, e, part in zip(got[:2], want[:2], ("grad_input", "grad_residual")):
+                check(f"affine act{act} {flags} {part} {tag}", a, e, silu=act == 3)
+            ga = ops.frozen_bn_affine_backward(g, xc, saved_c, m, scale.cpu(), act, False, True)[1]
+            xcen = xc.double() - m.to(want[2].dtype).double().view(shape)
+            check_sums(f"affine act{act} {flags} {tag}", got[2:], want[2:], ga.double(), xcen)
 
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    # --only-affine: one data dtype per compute dtype of the shared memory (float, double)
+    dtypes = (torch.float16, torch.float64) if args.only_affine else (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for dtype in dtypes:
         for name, x in cases(torch, dtype, dev):
             C = x.shape[1]
             xc = x.cpu()
