@@ -7,7 +7,7 @@
 #                                        check of that build, the CUDA tests (-x)   ~4 min
 #   bash benchmarks/gpu_check.sh OUT 2   compute-sanitizer memcheck (32- and 64-bit index
 #                                        kernels) and initcheck on the kernel driver,
-#                                        racecheck and synccheck on its affine part    ~5 min
+#                                        racecheck and synccheck on its affine part  ~6-7 min
 #   bash benchmarks/gpu_check.sh OUT 3   the kernels' bandwidth, the quick op-level benchmark
 #                                        (no torch.compile), one end-to-end case       ~3 min
 #   bash benchmarks/gpu_check.sh OUT     1, 2 and 3 in turn
