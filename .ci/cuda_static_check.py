@@ -156,13 +156,20 @@ TABLE_KERNELS = [
     ("rows fused forward fp16 SiLU", r"^RowsKernel<8, 1, unsigned int, ActForwardOp<Half, float, A3>", (1, 1)),
     ("rows fused forward fp16 SiLU + residual", r"^RowsKernel<8, 1, unsigned int, ActForwardOp<Half, float, A3>", (2, 1)),
     ("rows fused forward bf16 ReLU + residual", r"^RowsKernel<8, 2, unsigned int, ActForwardOp<BFloat16, float, A1>", (4, 2)),
+    ("sum-planes affine backward fp16 ReLU, both gradients", r"^SumPlanesKernel<8, 2, unsigned int, AffineBackwardOp<Half, float, A1>", (6, 4)),
+    ("sum-planes affine backward fp16 identity, grad_input", r"^SumPlanesKernel<8, 2, unsigned int, AffineBackwardOp<Half, float, A0>", (4, 2)),
+    ("sum-planes affine backward fp16 identity, 7x7 (1 element)", r"^SumPlanesKernel<1, 2, unsigned int, AffineBackwardOp<Half, float, A0>", (4, 2)),
+    ("sum-planes affine backward fp32 identity, grad_input", r"^SumPlanesKernel<4, 2, unsigned int, AffineBackwardOp<float, float, A0>", (4, 2)),
+    ("sum-planes affine backward fp16 ReLU, 64-bit index", r"^SumPlanesKernel<8, 1, unsigned long, AffineBackwardOp<Half, float, A1>", (3, 2)),
+    ("sum-rows affine backward fp16 ReLU, both gradients", r"^SumRowsKernel<8, 1, unsigned int, AffineBackwardOp<Half, float, A1>", (3, 2)),
+    ("sum-rows affine backward bf16 SiLU, both gradients", r"^SumRowsKernel<8, 1, unsigned int, AffineBackwardOp<BFloat16, float, A3>", (3, 2)),
 ]
 
 
 def elements_per_trip(name):
-    m = re.match(r"^(Planes|Rows)Kernel<(\d+), (\d+),", name)
+    m = re.match(r"^(Sum)?(Planes|Rows)Kernel<(\d+), (\d+),", name)
     if m:
-        return int(m.group(2)) * int(m.group(3))
+        return int(m.group(3)) * int(m.group(4))
     m = re.match(r"^StridedKernel<\d+, (\d+),", name)
     return int(m.group(1)) if m else 1
 
@@ -200,7 +207,7 @@ def main(argv=None):
     by_kind = {}
     for k in kernels:
         kind = re.match(r"^(\w+)<", k["name"]).group(1)
-        op = re.search(r"(AffineOp|ActForwardOp|ActBackwardOp)", k["name"])
+        op = re.search(r"(AffineOp|ActForwardOp|ActBackwardOp|AffineBackwardOp)", k["name"])
         by_kind.setdefault((kind, op.group(1) if op else ""), []).append(k["reg"])
     for (kind, op), r in sorted(by_kind.items()):
         print(f"  {kind:14s} {op:14s} {len(r):4d} kernels, registers {min(r)}-{max(r)}")

@@ -3,17 +3,22 @@
     compute-sanitizer --tool memcheck  python benchmarks/cuda_kernel_driver.py
     compute-sanitizer --tool memcheck  python benchmarks/cuda_kernel_driver.py --index64
     compute-sanitizer --tool initcheck python benchmarks/cuda_kernel_driver.py
+    compute-sanitizer --tool racecheck python benchmarks/cuda_kernel_driver.py --only-affine
+    compute-sanitizer --tool synccheck python benchmarks/cuda_kernel_driver.py --only-affine
 
-(The kernels use no shared memory: racecheck has nothing to check.) Covers the parameter
+(Only the affine backward's sums kernels use shared memory and barriers: racecheck and
+synccheck run them alone.) Covers the parameter
 kernel and, for float16/bfloat16/float32/float64 data and float32/float64/float16
 statistics, the planes kernel (tails, vectors straddling planes, planes shorter than a
 vector, every vector width through misaligned views), the rows kernel (channels-last and
 (N, C), every vector width through C), the strided kernel (sliced views, expanded
 gradients), of the forward, the backward and the fused epilogues (every activation, with
-and without residual); empty tensors; with --index64 (FROZENNORM_CUDA_INDEX64=1) the 64-bit
+and without residual), the affine backward (its sums kernels of planes and rows, every
+activation and every choice of gradients, then the reduction); empty tensors; with --index64 (FROZENNORM_CUDA_INDEX64=1) the 64-bit
 index kernels instead of the 32-bit ones. Every result is compared with the CPU kernel's:
-bit for bit where the CPU build computes with FMA (SiLU: within the exp's last bit). Exits
-non-zero on a mismatch.
+bit for bit where the CPU build computes with FMA (SiLU: within the exp's last bit; the
+affine backward's sums, added in another order: within 4096 roundings of their sums of
+|terms|). Exits non-zero on a mismatch.
 """
 import argparse
 import os
@@ -51,6 +56,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--index64", action="store_true",
                         help="every launch with 64-bit index math (FROZENNORM_CUDA_INDEX64=1)")
+    parser.add_argument("--only-affine", action="store_true",
+                        help="only the affine backward (the kernels with shared memory), "
+                             "float16 and float64 data")
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); cpu runs the same calls against the CPU kernels "
                              "themselves: a dry run of this script")
@@ -88,10 +96,50 @@ def main(argv=None):
             bad.append(what)
             print(f"MISMATCH {what}")
 
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    def check_sums(what, got, want, ga, xc):
+        """The affine backward's sums: another order than the CPU kernel's, so within 4096
+        roundings of the sums of |terms| (ga and ga * (x - mean), from the CPU's ga)."""
+        nonlocal count
+        count += 1
+        dims = [0] + list(range(2, ga.dim()))
+        u = 2.0 ** -53 if want[0].dtype == torch.float64 else 2.0 ** -24
+        for name, a, e, terms in (("sum_grad", got[0], want[0], ga), ("sum_centered", got[1], want[1], ga * xc)):
+            bound = 4096 * u * terms.abs().sum(dims)
+            diff = (a.cpu().double() - e.double()).abs()
+            if not (torch.equal(a.cpu().isnan(), e.isnan()) and (diff[~e.isnan()] <= bound[~e.isnan()]).all()):
+                bad.append(f"{what} {name}")
+                print(f"MISMATCH {what} {name}")
+
+    def affine(tag, x, xc, m, st):
+        """The affine backward of x (scale from st's forward) against the CPU kernel."""
+        _, scale = ops.frozen_bn(x, *st, 1e-5)
+        m_dev = m.to(dev)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        # each activation once, each with another pair of (input_grad, residual_grad) flags
+        for act, flags in enumerate(((True, True), (True, False), (False, True), (False, False))):
+            g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+            saved_c = None if act == 0 else torch.randn(x.shape, dtype=torch.float64).mul(4).to(x.dtype)
+            saved = None if saved_c is None else saved_c.to(dev)
+            got = ops.frozen_bn_affine_backward(g.to(dev), x, saved, m_dev, scale, act, *flags)
+            want = ops.frozen_bn_affine_backward(g, xc, saved_c, m, scale.cpu(), act, *flags)
+            for a, e, part in zip(got[:2], want[:2], ("grad_input", "grad_residual")):
+                check(f"affine act{act} {flags} {part} {tag}", a, e, silu=act == 3)
+            ga = ops.frozen_bn_affine_backward(g, xc, saved_c, m, scale.cpu(), act, False, True)[1]
+            xcen = xc.double() - m.to(want[2].dtype).double().view(shape)
+            check_sums(f"affine act{act} {flags} {tag}", got[2:], want[2:], ga.double(), xcen)
+
+    # --only-affine: one data dtype per compute dtype of the shared memory (float, double)
+    dtypes = (torch.float16, torch.float64) if args.only_affine else (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for dtype in dtypes:
         for name, x in cases(torch, dtype, dev):
             C = x.shape[1]
             xc = x.cpu()
+            if args.only_affine:
+                w, b, m = (torch.randn(C) for _ in range(3))
+                v = torch.rand(C) + 0.5
+                affine(f"{dtype} {name}", x, xc, m, [t.to(dev) for t in (w, b, m, v)])
+                continue
             for stats in (torch.float32, torch.float64, torch.float16):
                 w, b, m = (torch.randn(C, dtype=stats) for _ in range(3))
                 v = torch.rand(C, dtype=stats) + 0.5
@@ -109,6 +157,7 @@ def main(argv=None):
                     check(f"backward {tag}", ops.frozen_bn_backward(g_dev, scale), ops.frozen_bn_backward(g, scale_c))
                 if stats != torch.float32:
                     continue  # the fused ops once per input
+                affine(tag, x, xc, m, st)
                 r = torch.randn(x.shape, dtype=torch.float64).to(dtype)
                 for act in range(4):
                     for res in (None, r):

@@ -68,6 +68,15 @@ def cases(dev, mib):
         g = torch.ones((), device=dev, dtype=x.dtype).expand(x.shape)
         return lambda: ops.frozen_bn_backward(g, scale), x
 
+    def affine_backward(x, act, residual_grad):
+        """frozen_bn_affine_backward of gradient x: reads x, the input and (not the identity)
+        the saved tensor; writes grad_input and (residual_grad) grad_residual."""
+        C = x.shape[1]
+        scale, mean = torch.rand(C, device=dev) + 0.5, torch.randn(C, device=dev)
+        inp = torch.randn_like(x)
+        saved = torch.randn_like(x) if act else None
+        return lambda: ops.frozen_bn_affine_backward(x, inp, saved, mean, scale, act, True, residual_grad), x
+
     return [
         ("forward fp16 NCHW 56x56", "params + planes vec 8", 4, lambda: forward(tensor(h, 256, 56))),
         ("forward fp16 NCHW 7x7", "params + planes vec 8 (straddles)", 4, lambda: forward(tensor(h, 2048, 7))),
@@ -92,6 +101,16 @@ def cases(dev, mib):
          lambda: fused_backward(tensor(h, 256, 56), 1)),
         ("fused forward fp16 channels_last silu", "params + rows vec 8", 4,
          lambda: fused_forward(tensor(h, 256, 56, "cl"), 3, False)),
+        ("affine backward fp16 NCHW 56x56 relu, residual grad", "sum-planes vec 8 + sum-reduce", 10,
+         lambda: affine_backward(tensor(h, 256, 56), 1, True)),
+        ("affine backward fp16 NCHW 56x56 identity", "sum-planes vec 8 + sum-reduce", 6,
+         lambda: affine_backward(tensor(h, 256, 56), 0, False)),
+        ("affine backward fp16 NCHW 7x7 identity", "sum-planes vec 1 + sum-reduce", 6,
+         lambda: affine_backward(tensor(h, 2048, 7), 0, False)),
+        ("affine backward fp16 channels_last C=256 relu, residual grad", "sum-rows vec 8 + sum-reduce", 10,
+         lambda: affine_backward(tensor(h, 256, 56, "cl"), 1, True)),
+        ("affine backward fp32 NCHW 56x56 identity", "sum-planes vec 4 + sum-reduce", 12,
+         lambda: affine_backward(tensor(f, 256, 56), 0, False)),
     ]
 
 

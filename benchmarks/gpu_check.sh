@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh OUT 1   build for this GPU's arch on all cores, the static
 #                                        check of that build, the CUDA tests (-x)   ~4 min
 #   bash benchmarks/gpu_check.sh OUT 2   compute-sanitizer memcheck (32- and 64-bit index
-#                                        kernels) and initcheck on the kernel driver   ~3 min
+#                                        kernels) and initcheck on the kernel driver,
+#                                        racecheck and synccheck on its affine part  ~6-7 min
 #   bash benchmarks/gpu_check.sh OUT 3   the kernels' bandwidth, the quick op-level benchmark
 #                                        (no torch.compile), one end-to-end case       ~3 min
 #   bash benchmarks/gpu_check.sh OUT     1, 2 and 3 in turn
@@ -66,12 +67,15 @@ stage1() {  # build, static check, CUDA tests
         --junitxml="$OUT/cuda_tests.xml"
 }
 
-stage2() {  # compute-sanitizer over every kernel variant (no racecheck: no shared memory)
+stage2() {  # compute-sanitizer over every kernel variant; racecheck and synccheck over the
+            # only kernels with shared memory and barriers (the affine backward's sums)
     local cs
     cs=$(sanitizer)
     run "$cs" --tool memcheck --error-exitcode 9 "$PY" benchmarks/cuda_kernel_driver.py
     run "$cs" --tool memcheck --error-exitcode 9 "$PY" benchmarks/cuda_kernel_driver.py --index64
     run "$cs" --tool initcheck --error-exitcode 9 "$PY" benchmarks/cuda_kernel_driver.py
+    run "$cs" --tool racecheck --error-exitcode 9 "$PY" benchmarks/cuda_kernel_driver.py --only-affine
+    run "$cs" --tool synccheck --error-exitcode 9 "$PY" benchmarks/cuda_kernel_driver.py --only-affine
 }
 
 stage3() {  # the predictions of benchmarks/README.md ("CUDA") against the GPU

@@ -1,6 +1,7 @@
 """GPU-only checks of the CUDA kernels (skipped without a GPU): the kernels each call
 launches, bit-equality with the CPU kernels, the current stream, CUDA graphs, the 64-bit
-kernels, tensors past 2^31 elements, ReLU6 above 6. Values against the float64 oracle also
+kernels, tensors past 2^31 elements, ReLU6 above 6; the affine backward (trainable weight and
+bias) against the CPU kernel and the float64 oracle, run to run bit for bit. Values against the float64 oracle also
 run on CUDA in tests/test_op.py and tests/test_act_op.py (their device parameter)."""
 import os
 import subprocess
@@ -33,11 +34,13 @@ def kernels_launched(fn):
 
 
 def kinds(names):
-    """frozennorm's kernel of each launch: params, planes, rows or strided (else the name)."""
+    """frozennorm's kernel of each launch: params, planes, rows, strided, or the affine
+    backward's sum-planes, sum-rows, sum-reduce (else the name)."""
     out = []
     for n in names:
         for kind, tag in (("params", "ParamsKernel"), ("planes", "PlanesKernel"), ("rows", "RowsKernel"),
-                          ("strided", "StridedKernel")):
+                          ("strided", "StridedKernel"), ("sum-planes", "SumPlanesKernel"),
+                          ("sum-rows", "SumRowsKernel"), ("sum-reduce", "SumReduceKernel")):
             if f"frozennorm::cuda::{tag}<" in n:
                 out.append(kind)
                 break
@@ -347,3 +350,145 @@ def test_more_than_2_pow_31_elements_expanded_gradient():
     gi = ops.frozen_bn_backward(g, scale)
     k = _windows(numel)
     assert torch.equal(gi.view(-1)[k], scale[(k // 49) % 64].half())
+
+
+# ---- frozen_bn_affine_backward (trainable weight and bias) ---------------------------------
+
+def _affine_case(shape, dtype, layout, act, seed=0):
+    """The CPU arguments of the affine backward (test_affine_backward's case())."""
+    from test_affine_backward import case
+    return case(shape, dtype, layout, act, seed=seed,
+                grad_layout="channels_last" if layout == "contiguous" else "contiguous")
+
+
+def _on_cuda(args):
+    return [t.cuda() if t is not None else None for t in args]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("act", [0, 1, 2, 3])
+def test_affine_backward_against_cpu_and_oracle(dtype, layout, act):
+    """Two launches (the layout's sums kernel, then the reduction); grad_input and
+    grad_residual the CPU kernel's bits (SiLU: within the exp's last bit); the sums within
+    test_affine_backward's bounds of the float64 oracle; every flag combination."""
+    from test_affine_backward import check_against_oracle
+    from test_cuda_emulation import sums_kernel, within_two_ulps
+
+    for shape in ([4, 32, 20, 24], [2, 37, 7, 7], [3, 5, 3001], [2, 6, 3, 4, 5], [600, 24]):
+        args = _affine_case(shape, dtype, layout, act, seed=sum(shape))
+        dev = _on_cuda(args)
+        if act == 1:  # (the profiler's start-up, once per shape and layout)
+            assert kinds(kernels_launched(lambda: ops.frozen_bn_affine_backward(*dev, act, True, True))) == [
+                sums_kernel(args[1]), "sum-reduce"], shape
+        for flags in ((True, True), (True, False), (False, True), (False, False)):
+            got = [t.cpu() for t in ops.frozen_bn_affine_backward(*dev, act, *flags)]
+            want = ops.frozen_bn_affine_backward(*args, act, *flags)
+            for a, b, what in zip(got[:2], want[:2], ("grad_input", "grad_residual")):
+                assert a.shape == b.shape and a.stride() == b.stride(), what
+                if act == 3:
+                    assert within_two_ulps(a, b), what
+                else:
+                    assert_same_bits(a, b, f"{shape} {what}")
+            check_against_oracle(*args, act, *flags, out=got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_affine_backward_same_bits_run_to_run(dtype, layout):
+    """No floating-point atomics: the sums of many blocks (and chunks per channel) are the
+    same bits on every run, on another stream too."""
+    args = _on_cuda(_affine_case([16, 64, 56, 56], dtype, layout, 1, seed=4))
+    first = [t.clone() for t in ops.frozen_bn_affine_backward(*args, 1, True, True)]
+    side = torch.cuda.Stream()
+    for run in range(3):
+        with torch.cuda.stream(side if run == 1 else torch.cuda.current_stream()):
+            again = ops.frozen_bn_affine_backward(*args, 1, True, True)
+        torch.cuda.synchronize()
+        for a, b, what in zip(first, again, ("grad_input", "grad_residual", "sum_grad", "sum_centered")):
+            assert_same_bits(a, b, f"run {run}: {what}")
+
+
+def test_affine_backward_index64_same_bits_as_index32(tmp_path):
+    """FROZENNORM_CUDA_INDEX64=1 (read once per process): the 64-bit index kernels partition
+    the data as the 32-bit ones do, so every output, the sums included, is the same bits."""
+    script = textwrap.dedent("""
+        import sys, torch, frozennorm
+        sys.path.insert(0, "tests")
+        from test_affine_backward import case
+        out = []
+        for layout in ("contiguous", "channels_last"):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                args = case([3, 24, 9, 16], dtype, layout, 1, seed=2)
+                args = [t.cuda() if t is not None else None for t in args]
+                out.append([t.cpu() for t in torch.ops.frozennorm.frozen_bn_affine_backward(*args, 1, True, True)])
+        torch.save(out, sys.argv[1])
+        from torch.profiler import profile, ProfilerActivity
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.ops.frozennorm.frozen_bn_affine_backward(*args, 1, True, True)
+            torch.cuda.synchronize()
+        print("NAMES", [e.name for e in prof.events() if "Kernel<" in e.name])
+    """)
+    results = {}
+    for bits in (64, 32):
+        env = {k: v for k, v in os.environ.items() if k != "FROZENNORM_CUDA_INDEX64"}
+        if bits == 64:
+            env["FROZENNORM_CUDA_INDEX64"] = "1"
+        path = tmp_path / f"{bits}.pt"
+        out = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True,
+                             text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert out.returncode == 0, out.stderr[-3000:]
+        names = out.stdout.split("NAMES", 1)[1]
+        # (the profiled call: float64 channels-last, 2-element vectors)
+        assert f"SumRowsKernel<2, 1, {'unsigned long' if bits == 64 else 'unsigned int'}" in names, names
+        results[bits] = torch.load(path)
+    for a_list, b_list in zip(results[64], results[32]):
+        for a, b in zip(a_list, b_list):
+            assert_same_bits(a, b, "64-bit vs 32-bit index kernels")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_trainable_affine_modules_on_cuda(dtype, memory_format):
+    """FrozenBatchNorm2d and FrozenBatchNormAct2d (ReLU + residual) with trainable_affine=True
+    on CUDA: the input's, the residual's, the weight's and the bias's gradients those of the
+    same modules on the CPU (the weight's and bias's within the sums' rounding), every
+    gradient the same bits on a second run."""
+    torch.manual_seed(0)
+    C = 48
+    bn = torch.nn.BatchNorm2d(C).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    x = torch.randn(4, C, 20, 24).to(dtype).contiguous(memory_format=memory_format)
+    r = torch.randn_like(x)
+    g = torch.randn_like(x)
+    for make, fwd in (
+            (lambda: frozennorm.FrozenBatchNorm2d.from_batchnorm(bn, trainable_affine=True),
+             lambda m, xx, rr: m(xx)),
+            (lambda: frozennorm.FrozenBatchNormAct2d.from_batchnorm(bn, trainable_affine=True),
+             lambda m, xx, rr: m(xx, rr))):
+        grads = {}
+        for device in ("cpu", "cuda", "cuda"):
+            m = make().to(device=device, dtype=dtype).train()
+            xx = x.to(device).requires_grad_()
+            rr = r.to(device).requires_grad_()
+            y = fwd(m, xx, rr)
+            y.backward(g.to(device))
+            got = {"x": xx.grad, "weight": m.weight.grad, "bias": m.bias.grad}
+            if rr.grad is not None:
+                got["residual"] = rr.grad
+            if device in grads:  # the second CUDA run
+                for k in got:
+                    assert_same_bits(got[k], grads[device][k], f"{k}, run to run")
+            grads[device] = got
+        cpu, cuda = grads["cpu"], grads["cuda"]
+        assert set(cpu) == set(cuda)
+        tol = max(2 * torch.finfo(dtype).eps, 1e-5)
+        for k in cpu:
+            if k in ("weight", "bias") or not cpu_uses_fma():  # sums in another order
+                torch.testing.assert_close(cuda[k].cpu(), cpu[k], rtol=tol, atol=tol * float(cpu[k].abs().max()))
+            else:
+                assert_same_bits(cuda[k], cpu[k], k)

@@ -360,3 +360,162 @@ def test_emulated_fused_epilogues_match_cpu(emu, dtype, layout, shape):
                     assert within_two_ulps(a, b), what
                 else:
                     assert_same_bits(a, b, f"act {act} {what}")
+
+
+# ---- frozen_bn_affine_backward: the sums kernels and their reduction ----------------------
+
+def sums_kernel(x):
+    """The first launch the host logic must choose for the affine backward of input x (the
+    front makes a non-dense input contiguous)."""
+    dense = x if is_dense(x) else x.contiguous()
+    plane = dense.numel() if dense.shape[1] == 1 else dense.stride(1)
+    return "sum-rows" if plane == 1 else "sum-planes"
+
+
+def run_affine_and_check(emu, args, act, input_grad=True, residual_grad=True):
+    """The emulated op on a one-block device, on an H100-sized one (another block and thread
+    order, 64-bit index math) and again: every output the same bits each time (the sums'
+    order fixed by the shape alone); grad_input and grad_residual the CPU kernel's bits
+    (SiLU: within the exp's last bit); the sums within test_affine_backward's bounds of the
+    float64 oracle."""
+    from test_affine_backward import check_against_oracle
+
+    g, x = args[0], args[1]
+    results = []
+    for max_blocks, seed, index64 in ((1, 5, False), (264, 6, True), (3, 7, False)):
+        out, log = run(emu, emu.frozen_bn_affine_backward, *args, act, input_grad, residual_grad,
+                       max_blocks=max_blocks, seed=seed, index64=index64)
+        assert [line.split()[0] for line in log] == (
+            [sums_kernel(x), "sum-reduce"] if x.numel() else []), log
+        if x.numel():
+            assert all(f"index={64 if index64 else 32}" in line for line in log[:1]), log
+        results.append(out)
+    for other in results[1:]:
+        for a, b, what in zip(results[0], other, ("grad_input", "grad_residual", "sum_grad", "sum_centered")):
+            assert_same_bits(a, b, f"{what}, run to run")
+    got = results[0]
+    want = cpu_ops.frozen_bn_affine_backward(*args, act, input_grad, residual_grad)
+    for a, b, what in zip(got[:2], want[:2], ("grad_input", "grad_residual")):
+        assert a.shape == b.shape and a.stride() == b.stride(), what
+        if act == 3:
+            assert within_two_ulps(a, b), what
+        else:
+            assert_same_bits(a, b, what)
+    check_against_oracle(*args, act, input_grad, residual_grad, out=got)
+    return got
+
+
+# planes whose length 8, 4, 2 or 1 divides (the vector width), several chunks per channel,
+# per-thread loops that wrap; rows with C % 8 == 0, 4, odd, one channel group, many groups;
+# (N, C), 1d and 3d; a single channel; empty.
+AFFINE_SHAPES = [[2, 8, 5, 7], [3, 5, 16, 16], [2, 6, 6, 10], [4, 3, 2, 17], [2, 7, 61, 67],
+                 [3, 37, 7, 7], [2, 36, 3, 3], [700, 24], [9, 5], [2, 4, 9, 40], [2, 3, 4, 5, 6],
+                 [2, 1, 100, 101], [1, 1], [0, 4, 3, 3]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("shape", AFFINE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_affine_backward(emu, dtype, layout, shape):
+    from test_affine_backward import case
+
+    act = len(shape) % 4 if shape[0] != 700 else 3  # every activation across the shapes
+    for a in sorted({act, 0}):
+        args = case(shape, dtype, layout, a, "mean_gg_std" if shape[1] % 2 else "typical",
+                    grad_layout="channels_last" if layout == "contiguous" else "contiguous",
+                    seed=sum(shape))
+        run_affine_and_check(emu, args, a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("act", [0, 1, 3])
+@pytest.mark.parametrize("input_grad, residual_grad", [(True, False), (False, True), (False, False)])
+def test_emulated_affine_backward_which_gradients(emu, dtype, act, input_grad, residual_grad):
+    from test_affine_backward import case
+
+    for layout in ("contiguous", "channels_last"):
+        args = case([3, 16, 6, 5], dtype, layout, act, seed=5)
+        part = run_affine_and_check(emu, args, act, input_grad, residual_grad)
+        full, _ = run(emu, emu.frozen_bn_affine_backward, *args, act, True, True)
+        assert_same_bits(part[2], full[2], "sum_grad")
+        assert_same_bits(part[3], full[3], "sum_centered")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [[2, 7, 61, 67], [2, 1100, 3, 5], [2, 9, 40, 40], [2, 1, 100, 101],
+                                   [3000, 3], [2, 40, 8, 8]])
+def test_emulated_affine_exact_sums(emu, layout, shape):
+    """Small integers, every product and partial sum exact in float32: the sums equal the
+    float64 oracle bit for bit, whatever the order, which shows an element summed twice or
+    not at all, a partial dropped or a channel offset (at chunk, tile, vector and row
+    boundaries)."""
+    from test_affine_backward import channel, exact_ga, reduce_dims
+
+    gen = torch.Generator().manual_seed(len(shape) + shape[1])
+    C = shape[1]
+    x, g, saved = (make_layout(torch.randint(lo, hi, shape, generator=gen).float(), layout)
+                   for lo, hi in ((-8, 9), (-4, 5), (-2, 8)))
+    mean = torch.randint(-3, 4, (C,), generator=gen).float()
+    scale = torch.rand(C, generator=gen) + 0.5
+    for act in (0, 1):
+        gi, gr, sum_g, sum_gx = run_affine_and_check(emu, (g, x, saved, mean, scale), act)
+        ga = exact_ga(g, saved, act)
+        dims = reduce_dims(len(shape))
+        assert torch.equal(sum_g.double(), ga.sum(dims)), "sum_grad"
+        assert torch.equal(sum_gx.double(), (ga * (x.double() - channel(mean.double(), len(shape)))).sum(dims)), \
+            "sum_centered"
+
+
+@pytest.mark.parametrize("offset", [1, 2, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_emulated_affine_backward_misaligned(emu, offset, channels_last):
+    """A float16 input 2, 4 or 8 bytes past an aligned address: narrower vectors, the same
+    results."""
+    shape = [2, 16, 4, 8]
+    x = misaligned(shape, torch.float16, offset, channels_last)
+    g = torch.randn(shape, dtype=torch.float64).half()
+    g = g.contiguous(memory_format=torch.channels_last) if channels_last else g
+    mean, scale = torch.randn(16), torch.rand(16) + 0.5
+    run_affine_and_check(emu, (g, x, None, mean, scale), 0)
+    _, log = run(emu, emu.frozen_bn_affine_backward, g, x, None, mean, scale, 0, True, True)
+    assert f"vec={offset} " in log[0], log  # the widest vector of 2 x offset-byte alignment
+
+
+AFFINE_PLANS = {
+    # planes: C x chunks blocks, chunks = min(1024 / C, the channel's vectors / (256 x 2)),
+    # more where a thread would add more than 1024 terms
+    "nchw fp16 ReLU": (meta([32, 64, 112, 112]), 1,
+                       "sum-planes vec=8 unroll=2 index=32 grid=1024x1 block=256x1"),
+    "nchw fp16 SiLU": (meta([32, 64, 112, 112]), 3,
+                       "sum-planes vec=8 unroll=1 index=32 grid=1024x1 block=256x1"),
+    "nchw fp32 7x7 maps": (meta([32, 2048, 7, 7], torch.float32), 1,
+                           "sum-planes vec=1 unroll=2 index=32 grid=2048x1 block=256x1"),
+    "nchw fp16 one huge channel": (meta([1, 1, 2**28]), 0,
+                                   "sum-planes vec=8 unroll=2 index=32 grid=1024x1 block=256x1"),
+    "nchw fp16 64-bit index": (meta([1, 3, 2**30 + 8]), 1,
+                               "sum-planes vec=8 unroll=1 index=64 grid=12291x1 block=256x1"),
+    "nchw fp16 one huger channel": (meta([4, 1, 2**28]), 0,
+                                    "sum-planes vec=8 unroll=2 index=32 grid=4096x1 block=256x1"),
+    # rows (one vector per thread and step): tiles of bx x VEC channels (bx <= 32) by chunks
+    # of rows (1024 / tiles of them, or fewer where a thread would get fewer than 2 rows; more
+    # past 1024 rows per thread)
+    "cl fp16 C=64": (meta([32, 64, 56, 56], channels_last=True), 1,
+                     "sum-rows vec=8 unroll=1 index=32 grid=1024x1 block=8x32"),
+    "cl fp16 C=2048": (meta([32, 2048, 7, 7], channels_last=True), 1,
+                       "sum-rows vec=8 unroll=1 index=32 grid=784x1 block=32x8"),
+    "(N, C) fp32 C=3": (meta([100, 3], torch.float32), 0,
+                        "sum-rows vec=1 unroll=1 index=32 grid=1x1 block=4x64"),
+    "cl fp16 > 2^31 elements": (meta([1, 2**16 + 8, 2**15 + 8, 1], channels_last=True), 0,
+                                "sum-rows vec=8 unroll=1 index=64 grid=1285x1 block=32x8"),
+}
+
+
+@pytest.mark.parametrize("case", list(AFFINE_PLANS))
+def test_affine_backward_launch_plan(emu, case):
+    x, act, expected = AFFINE_PLANS[case]
+    C = x.shape[1]
+    saved = None if act == 0 else x
+    ones = torch.ones(C, device="meta")
+    _, log = run(emu, emu.frozen_bn_affine_backward, x, x, saved, ones, ones, act, True, True,
+                 max_blocks=264)
+    assert log == [expected, f"sum-reduce vec=1 unroll=1 index=64 grid={C}x1 block=256x1"]

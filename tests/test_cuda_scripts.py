@@ -25,7 +25,10 @@ def test_gpu_check_dry_run(tmp_path):
     for stage, command in ((1, "pytest tests -m cuda -x"), (2, "--tool initcheck"), (3, "cuda_kernels.py")):
         log = (tmp_path / f"stage{stage}.log").read_text()
         assert f"stage {stage}: no CUDA GPU visible, skipped" in log and command in log
-    assert "racecheck" not in out.stdout
+    # racecheck and synccheck: only the kernels with shared memory and barriers
+    stage2 = (tmp_path / "stage2.log").read_text()
+    for tool in ("racecheck", "synccheck"):
+        assert f"--tool {tool} --error-exitcode 9 {sys.executable} benchmarks/cuda_kernel_driver.py --only-affine" in stage2
 
 
 @compiled
@@ -33,6 +36,11 @@ def test_kernel_driver_dry_run():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_kernel_driver.py"), "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "results, OK" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    affine = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_kernel_driver.py"), "--device", "cpu",
+                             "--only-affine"], capture_output=True, text=True, timeout=300)
+    assert affine.returncode == 0 and "results, OK" in affine.stdout, affine.stdout[-2000:] + affine.stderr[-2000:]
+    count = lambda text: int(text.split("): ")[1].split()[0])
+    assert 0 < count(affine.stdout) < count(out.stdout)
 
 
 @compiled
@@ -42,5 +50,5 @@ def test_cuda_kernels_benchmark_dry_run(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
-    assert len(rows) == 14 and all(r["seconds"] > 0 for r in rows)
-    assert (tmp_path / "kernels.md").read_text().count("\n|") == 2 + 14  # header, rule, rows
+    assert len(rows) == 19 and all(r["seconds"] > 0 for r in rows)
+    assert (tmp_path / "kernels.md").read_text().count("\n|") == 2 + 19  # header, rule, rows

@@ -11,15 +11,33 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 namespace frozennorm::cuda {
 
 // minBlocks 1: no register target below what the kernel needs (without it, ptxas gives the
 // kernels with a slow-path call, SiLU's division, too few registers, and they spill).
+template <typename K, int... P>
+__device__ __forceinline__ void run_phases(const K& kernel, typename K::Shared& shared,
+                                           std::integer_sequence<int, P...>) {
+  const ThreadIdx t = ThreadIdx::current();
+  auto phase = [&](auto p) {
+    constexpr int kPhase = decltype(p)::value;
+    if constexpr (kPhase > 0) __syncthreads();
+    kernel.template phase<kPhase>(t, shared);
+  };
+  (phase(std::integral_constant<int, P>{}), ...);
+}
+
 template <typename K>
 __global__ void __launch_bounds__(kThreads, 1) kernel_entry(const K kernel) {
-  kernel(ThreadIdx::current());
+  if constexpr (PhasesOf<K>::value > 0) {
+    __shared__ typename K::Shared shared;
+    run_phases(kernel, shared, std::make_integer_sequence<int, K::kPhases>{});
+  } else {
+    kernel(ThreadIdx::current());
+  }
 }
 
 // FROZENNORM_CUDA_INDEX64=1 makes every launch use 64-bit index math (read once): the GPU

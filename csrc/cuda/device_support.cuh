@@ -6,9 +6,15 @@
 // single generic __global__ entry calls it with the built-in indices (frozen_bn_cuda.cu);
 // the tests' CUDA emulation (tests/cuda_emulation) compiles the same headers as plain C++
 // with FROZENNORM_CUDA_EMULATION defined and calls it for every (block, thread) of the grid.
-// Kernels use no shared memory and no barriers, which makes that emulation exact, and they
-// touch global memory only through load_pack/store_pack, which report every access to the
-// emulation (it checks alignment and bounds and counts each byte's writes).
+// A block-cooperative kernel (the affine backward's sums) instead has K::kPhases > 0
+// phases, `template <int P> void phase(const ThreadIdx&, K::Shared&) const`, the block's
+// shared memory passed explicitly: the GPU entry runs them in turn with a barrier
+// (__syncthreads) between, and the emulation runs phase P for every thread of the block
+// before phase P + 1 of any: exactly the barrier's guarantee. Nothing else is shared (no
+// warp shuffles, no state kept across phases but in K::Shared), which makes the emulation
+// exact; and kernels touch global memory only through load_pack/store_pack, which report
+// every access to the emulation (it checks alignment and bounds and counts each byte's
+// writes).
 #pragma once
 
 #include "../rules.h"  // FROZENNORM_HD
@@ -42,6 +48,12 @@ namespace emulation {
 void on_access(const void* p, std::size_t bytes, bool store);
 }  // namespace emulation
 #endif
+
+// The phases of a block-cooperative kernel K; 0 for a plain one.
+template <typename K, typename = void>
+struct PhasesOf : std::integral_constant<int, 0> {};
+template <typename K>
+struct PhasesOf<K, std::void_t<decltype(K::kPhases)>> : std::integral_constant<int, K::kPhases> {};
 
 // N consecutive elements, aligned so that one load/store instruction moves them all
 // (N * sizeof(T) <= 16 bytes; the 32-byte pack of four doubles takes two).

@@ -1,6 +1,6 @@
 // CUDA implementation of the frozennorm ops (frozen_bn, frozen_bn_backward, frozen_bn_act,
-// frozen_bn_act_backward): the host logic in frozen_bn_cuda_impl.h driving real launches on
-// the current stream (cuda_launcher.cuh).
+// frozen_bn_act_backward, frozen_bn_affine_backward): the host logic in frozen_bn_cuda_impl.h
+// driving real launches on the current stream (cuda_launcher.cuh).
 #include "cuda_launcher.cuh"
 
 #include <c10/cuda/CUDAGuard.h>
@@ -63,6 +63,17 @@ std::tuple<at::Tensor, at::Tensor> frozen_bn_act_backward_cuda(
   return frozen_bn_act_backward_front(loops, grad_output, saved, scale, activation, residual_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> frozen_bn_affine_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& saved,
+    const at::Tensor& running_mean, const at::Tensor& scale, int64_t activation, bool input_grad,
+    bool residual_grad) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  CudaLauncher launcher(input.device());
+  Loops<CudaLauncher> loops{launcher};
+  return frozen_bn_affine_backward_front(loops, grad_output, input, saved, running_mean, scale,
+                                         activation, input_grad, residual_grad);
+}
+
 }  // namespace
 }  // namespace frozennorm::cuda
 
@@ -71,4 +82,5 @@ TORCH_LIBRARY_IMPL(frozennorm, CUDA, m) {
   m.impl("frozen_bn_backward", &frozennorm::cuda::frozen_bn_backward_cuda);
   m.impl("frozen_bn_act", &frozennorm::cuda::frozen_bn_act_cuda);
   m.impl("frozen_bn_act_backward", &frozennorm::cuda::frozen_bn_act_backward_cuda);
+  m.impl("frozen_bn_affine_backward", &frozennorm::cuda::frozen_bn_affine_backward_cuda);
 }

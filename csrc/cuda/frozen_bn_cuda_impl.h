@@ -4,11 +4,13 @@
 // tests' CPU emulation of the grid.
 //
 // Launches per call: a forward, two (ParamsKernel, then the element kernel; one when the
-// input is empty and only the scales are written); a backward, one.
+// input is empty and only the scales are written); a backward, one; the affine backward,
+// two (the sums kernel, then SumReduceKernel; none when the input is empty).
 #pragma once
 
 #include "../op_fronts.h"
 #include "act_kernels.cuh"
+#include "affine_backward_kernels.cuh"
 #include "affine_kernels.cuh"
 #include "launch.h"
 
@@ -227,6 +229,54 @@ void launch_affine(Launcher& L, const at::Tensor& in, const at::Tensor& out, con
   });
 }
 
+// The affine backward's first launch on dense planes (plane % VEC == 0): the partition into
+// (channel, chunk) blocks, a function of the shape and VEC alone (not of the unroll, nor of
+// the index width). Returns the chunks, the rows of partials.
+template <int VEC, typename index_t, typename Op, typename Launcher>
+int64_t launch_sum_planes(Launcher& L, const Op& op, const typename Op::acc_t* mean,
+                          const typename Op::acc_t* scale, at::Tensor& partials, int64_t numel,
+                          int64_t C, int64_t plane) {
+  constexpr int kUnroll = sizeof(index_t) == 4 ? Op::kUnroll : 1;
+  const int64_t channel_vecs = numel / C / VEC;
+  const int64_t min_vecs = kThreads * kMinSumSteps;
+  const int64_t max_vecs = kThreads * (kMaxSumDepth / VEC);   // the sums' depth limit
+  int64_t chunks = std::max(ceil_div(channel_vecs, max_vecs),
+                            std::min(ceil_div(kSumTargetBlocks, C), ceil_div(channel_vecs, min_vecs)));
+  const int64_t chunk_vecs = ceil_div(channel_vecs, chunks);
+  chunks = ceil_div(channel_vecs, chunk_vecs);
+  partials = at::empty({chunks, 2 * C}, partials.options());
+  using K = SumPlanesKernel<VEC, kUnroll, index_t, Op>;
+  L.launch({grid_dim(C * chunks, kMaxGridX), 1}, {kThreads, 1},
+           K{op, mean, scale, mutable_data_of<typename Op::acc_t>(partials), static_cast<index_t>(C),
+             static_cast<index_t>(chunks), static_cast<index_t>(chunk_vecs),
+             static_cast<index_t>(channel_vecs), Divider<index_t>(static_cast<index_t>(plane / VEC))});
+  return chunks;
+}
+
+// The same on dense rows (C % VEC == 0): blocks of bx threads across the channel groups (as
+// launch_rows) times by = kThreads / bx across the rows, tiles of bx x VEC channels by
+// chunks of rows.
+template <int VEC, typename index_t, typename Op, typename Launcher>
+int64_t launch_sum_rows(Launcher& L, const Op& op, const typename Op::acc_t* mean,
+                        const typename Op::acc_t* scale, at::Tensor& partials, int64_t rows,
+                        int64_t C) {
+  const int64_t groups = C / VEC;
+  const int64_t bx = std::min<int64_t>(pow2_ceil(groups), 32);
+  const int64_t by = kThreads / bx;
+  const int64_t tiles = ceil_div(groups, bx);
+  int64_t chunks = std::max(ceil_div(rows, by * kMaxSumDepth),
+                            std::min(ceil_div(kSumTargetBlocks, tiles), ceil_div(rows, by * kMinSumSteps)));
+  const int64_t chunk_rows = ceil_div(rows, chunks);
+  chunks = ceil_div(rows, chunk_rows);
+  partials = at::empty({chunks, 2 * C}, partials.options());
+  using K = SumRowsKernel<VEC, 1, index_t, Op>;
+  L.launch({grid_dim(tiles * chunks, kMaxGridX), 1},
+           {static_cast<uint32_t>(bx), static_cast<uint32_t>(by)},
+           K{op, mean, scale, mutable_data_of<typename Op::acc_t>(partials), static_cast<index_t>(rows),
+             static_cast<index_t>(C), static_cast<index_t>(tiles), static_cast<index_t>(chunk_rows)});
+  return chunks;
+}
+
 template <typename acc_t>
 StatsSource<acc_t> stats_source(const Stats& s, double eps) {
   return StatsSource<acc_t>{
@@ -249,6 +299,7 @@ struct TypedLoops {
   void backward(const Backward& b);
   at::Tensor act_forward(const Forward& f);
   void act_backward(const Backward& b);
+  void affine_backward(const Backward& b);
 
  private:
   // A forward's first launch: returns the scale (the forward's second output) and, when the
@@ -326,6 +377,41 @@ void TypedLoops<scalar_t, acc_t, Launcher>::act_backward(const Backward& b) {
   });
 }
 
+// b.input dense with elements, grad and saved in its layout: the sums kernel of its layout
+// (planes, whose plane the vector width divides, or rows), then SumReduceKernel.
+template <typename scalar_t, typename acc_t, typename Launcher>
+void TypedLoops<scalar_t, acc_t, Launcher>::affine_backward(const Backward& b) {
+  const at::Tensor& x = b.input;
+  const int64_t numel = x.numel(), C = x.size(1), plane = plane_size(x);
+  const scalar_t* gp = data_of<scalar_t>(b.grad);
+  const scalar_t* xp = data_of<scalar_t>(x);
+  const scalar_t* sp = b.saved.defined() ? data_of<scalar_t>(b.saved) : nullptr;
+  scalar_t* gi = b.grad_input.defined() ? mutable_data_of<scalar_t>(b.grad_input) : nullptr;
+  scalar_t* gr = b.grad_residual.defined() ? mutable_data_of<scalar_t>(b.grad_residual) : nullptr;
+  const acc_t* mean = data_of<acc_t>(b.mean);
+  const acc_t* scale = data_of<acc_t>(b.scale);
+  constexpr int kMaxVec = 16 / sizeof(scalar_t);
+  const bool rows = plane == 1;
+  const int vec = vector_width(kMaxVec, sizeof(scalar_t), rows ? C : plane, {gp, xp, sp, gi, gr});
+  at::Tensor partials = at::empty({0}, x.options().dtype(b.acc));
+  int64_t chunks = 0;
+  dispatch_act(b.act, /*identity_ok=*/true, [&](auto act_tag) {
+    using Op = AffineBackwardOp<scalar_t, acc_t, decltype(act_tag)::value>;
+    const Op op{gp, xp, sp, gi, gr};
+    dispatch_index(use_32bit_index(numel, numel - 1, L.index64_only()), [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      dispatch_vec<kMaxVec>(vec, [&](auto vec_tag) {
+        constexpr int VEC = decltype(vec_tag)::value;
+        chunks = rows ? launch_sum_rows<VEC, index_t>(L, op, mean, scale, partials, numel / C, C)
+                      : launch_sum_planes<VEC, index_t>(L, op, mean, scale, partials, numel, C, plane);
+      });
+    });
+  });
+  L.launch({grid_dim(C, kMaxGridX), 1}, {kThreads, 1},
+           SumReduceKernel<acc_t>{data_of<acc_t>(partials), mutable_data_of<acc_t>(b.sum_grad),
+                                  mutable_data_of<acc_t>(b.sum_centered), chunks, C});
+}
+
 // The CUDA loops behind op_fronts.h's fronts: kernel launches through L (real ones, or the
 // tests' emulation of the grid), dispatched to the loops of the dtype pair.
 template <typename Launcher>
@@ -354,6 +440,9 @@ struct Loops {
   }
   void act_backward(const Backward& b) {
     typed(b.grad.scalar_type(), b.acc, [&](auto loops) { loops.act_backward(b); });
+  }
+  void affine_backward(const Backward& b) {
+    typed(b.input.scalar_type(), b.acc, [&](auto loops) { loops.affine_backward(b); });
   }
 };
 

@@ -2,7 +2,9 @@
 // (csrc/cuda/*_kernels.cuh) compiled as plain C++ and run on the CPU, registered as
 // frozennorm_emu::* for CPU tensors. The emulation is built to fail where a GPU would:
 //  * every (block, thread) of a launch runs, the blocks in a random order and the threads of
-//    a block in a random order (seeded; the kernels promise no order);
+//    a block in a random order (seeded; the kernels promise no order); a block-cooperative
+//    kernel's phases one after the other, each over all the block's threads (in a new
+//    order), its shared memory NaN-filled per block;
 //  * every global load and store is checked: aligned to its size (a GPU faults on a
 //    misaligned vector access, x86 does not), inside a tensor of the op (an input's storage
 //    or memory allocated during the op), stores only into memory allocated during the op;
@@ -22,10 +24,12 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace frozennorm::cuda {
@@ -225,13 +229,34 @@ struct EmulatedLauncher {
     t.grid = grid;
     t.block_dim = block;
     for (const Dim2& b : blocks) {
-      std::shuffle(threads.begin(), threads.end(), rng);
       t.block = b;
-      for (const Dim2& th : threads) {
-        t.thread = th;
-        kernel(t);
+      if constexpr (PhasesOf<K>::value > 0) {
+        run_block(kernel, t, threads, rng, std::make_integer_sequence<int, K::kPhases>{});
+      } else {
+        std::shuffle(threads.begin(), threads.end(), rng);
+        for (const Dim2& th : threads) {
+          t.thread = th;
+          kernel(t);
+        }
       }
     }
+  }
+
+  // A block of a block-cooperative kernel: its shared memory NaN-filled (0xFF bytes), then
+  // each phase for every thread, in a new random order, before the next (the barrier).
+  template <typename K, int... P>
+  static void run_block(const K& kernel, ThreadIdx t, std::vector<Dim2>& threads, std::mt19937_64& rng,
+                        std::integer_sequence<int, P...>) {
+    auto shared = std::make_unique<typename K::Shared>();
+    std::memset(static_cast<void*>(shared.get()), 0xFF, sizeof(typename K::Shared));
+    auto phase = [&](auto p) {
+      std::shuffle(threads.begin(), threads.end(), rng);
+      for (const Dim2& th : threads) {
+        t.thread = th;
+        kernel.template phase<decltype(p)::value>(t, *shared);
+      }
+    };
+    (phase(std::integral_constant<int, P>{}), ...);
   }
 };
 
@@ -307,6 +332,29 @@ std::tuple<at::Tensor, at::Tensor> act_backward(const at::Tensor& grad_output, c
   return result;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> affine_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& saved,
+    const at::Tensor& running_mean, const at::Tensor& scale, int64_t activation, bool input_grad,
+    bool residual_grad) {
+  EmulatedLauncher launcher{!is_meta(input)};
+  Loops<EmulatedLauncher> loops{launcher};
+  auto run = [&] {
+    return frozen_bn_affine_backward_front(loops, grad_output, input, saved, running_mean, scale,
+                                           activation, input_grad, residual_grad);
+  };
+  if (!launcher.execute) return run();
+  const at::Tensor none;
+  EmulatedOp op({&grad_output, &input, saved ? &*saved : &none, &running_mean, &scale});
+  auto result = run();
+  op.expect_stored_once(std::get<0>(result), "grad_input");
+  op.expect_stored_once(std::get<1>(result), "grad_residual");
+  if (input.numel() > 0) {  // (the front's zeros otherwise)
+    op.expect_stored_once(std::get<2>(result), "sum_grad");
+    op.expect_stored_once(std::get<3>(result), "sum_centered");
+  }
+  return result;
+}
+
 // Sets the emulated device (resident blocks for every kernel), the seed of the block and
 // thread order and whether 32-bit index math is ruled out; returns (and resets) the number
 // of launches since the previous call, and clears the launch log.
@@ -378,6 +426,10 @@ TORCH_LIBRARY(frozennorm_emu, m) {
   m.def(
       "frozen_bn_act_backward(Tensor grad_output, Tensor saved, Tensor scale, int activation, "
       "bool residual_grad) -> (Tensor, Tensor)");
+  m.def(
+      "frozen_bn_affine_backward(Tensor grad_output, Tensor input, Tensor? saved, "
+      "Tensor running_mean, Tensor scale, int activation, bool input_grad, bool residual_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("configure(int max_blocks, int seed, bool index64_only) -> int");
   m.def("launch_log() -> str[]");
   m.def("divider_mismatches(int bits, int divisor, int n_max, int n_high) -> int");
@@ -389,6 +441,7 @@ TORCH_LIBRARY_IMPL(frozennorm_emu, CPU, m) {
   m.impl("frozen_bn_backward", &frozennorm::cuda::backward);
   m.impl("frozen_bn_act", &frozennorm::cuda::act_forward);
   m.impl("frozen_bn_act_backward", &frozennorm::cuda::act_backward);
+  m.impl("frozen_bn_affine_backward", &frozennorm::cuda::affine_backward);
 }
 
 TORCH_LIBRARY_IMPL(frozennorm_emu, Meta, m) {
@@ -396,6 +449,7 @@ TORCH_LIBRARY_IMPL(frozennorm_emu, Meta, m) {
   m.impl("frozen_bn_backward", &frozennorm::cuda::backward);
   m.impl("frozen_bn_act", &frozennorm::cuda::act_forward);
   m.impl("frozen_bn_act_backward", &frozennorm::cuda::act_backward);
+  m.impl("frozen_bn_affine_backward", &frozennorm::cuda::affine_backward);
 }
 
 TORCH_LIBRARY_IMPL(frozennorm_emu, CatchAll, m) {

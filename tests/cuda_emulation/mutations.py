@@ -95,6 +95,24 @@ MUTATIONS = [
         "         base += 2 * step) {",
         "test_emulated_layouts and 2x8x33x17",
         r"stored 0 times"),
+    Mutation(
+        "sum-dropped-partial",
+        "the affine backward's reduction skips each channel's last row of partials (one chunk "
+        "of the data never summed): the exact sums on exact values",
+        "csrc/cuda/affine_backward_kernels.cuh",
+        "for (int64_t r = t.thread.x; r < rows; r += t.block_dim.x) {",
+        "for (int64_t r = t.thread.x; r + 1 < rows; r += t.block_dim.x) {",
+        "test_emulated_affine_exact_sums",
+        r"AssertionError: sum_(grad|centered)|exceeds the bound"),
+    Mutation(
+        "sum-channel-offset",
+        "a planes block files its partials under the next channel (each partial still stored "
+        "once, so only the values show it): the exact sums and the oracle's bounds",
+        "csrc/cuda/affine_backward_kernels.cuh",
+        "      store1(row + c, sum_g);\n      store1(row + C + c, sum_gx);",
+        "      store1(row + (c + 1) % C, sum_g);\n      store1(row + C + (c + 1) % C, sum_gx);",
+        "test_emulated_affine_exact_sums and contiguous",
+        r"AssertionError: sum_(grad|centered)|exceeds the bound"),
 ]
 
 
