@@ -20,6 +20,9 @@ Environment switches:
   CUDA_HOME               the toolkit to use (found automatically otherwise, also when
                           `nvcc` on PATH is a wrapper script)
   DEBUG=1                 -O0 -g
+  FROZENNORM_MAX_CPU_CAPABILITY=default|avx2|avx512|avx512_bf16
+                          compile the CPU loops up to this capability only (default: every
+                          build of the target; `default`: the baseline alone, a faster build)
 Release wheels (.ci/build_wheel.sh sets these):
   FROZENNORM_LOCAL_VERSION  a local version label, e.g. pt2141cu130 -> 0.1.0+pt2141cu130
   FROZENNORM_PIN_TORCH=1    require exactly the torch the extension is compiled against
@@ -58,6 +61,13 @@ def env_flag(name):
 def read_version():
     with open(os.path.join(ROOT, "frozennorm", "version.py")) as f:
         return re.search(r'__version__\s*=\s*"([^"]+)"', f.read()).group(1)
+
+
+def sources_digest():
+    """frozennorm/_sources.py's digest of csrc/, run by path (the package imports torch)."""
+    import runpy
+
+    return runpy.run_path(os.path.join(ROOT, "frozennorm", "_sources.py"))["sources_digest"](ROOT)
 
 
 def full_version():
@@ -339,10 +349,18 @@ def cpu_capability_builds():
     # builds of the same sources keep those warnings for frozennorm's code.
     avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                      "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
-    return [("AVX2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] + avx2),
-            ("AVX512", ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"] + avx512),
-            ("AVX512_BF16", ["-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512"]
-             + avx512 + ["-mavx512bf16"])]
+    builds = [("AVX2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] + avx2),
+              ("AVX512", ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"] + avx512),
+              ("AVX512_BF16", ["-DCPU_CAPABILITY=AVX512_BF16", "-DCPU_CAPABILITY_AVX512"]
+               + avx512 + ["-mavx512bf16"])]
+    limit = os.environ.get("FROZENNORM_MAX_CPU_CAPABILITY", "").strip().upper()
+    names = ["DEFAULT"] + [name for name, _ in builds]
+    if not limit:
+        return builds
+    if limit not in names:
+        raise SystemExit(f"FROZENNORM_MAX_CPU_CAPABILITY={limit.lower()}: choose from "
+                         f"{', '.join(n.lower() for n in names)}")
+    return builds[:names.index(limit)]
 
 
 def build_ext_class(cpp_extension, info):
@@ -427,6 +445,7 @@ def configure():
         "cuda_arch_list": None,
         "python": sys.version.split()[0],
         "parallel_backend": parallel,
+        "sources_digest": sources_digest(),
     }
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}) at "
         f"{os.path.dirname(torch.__file__)}, python {info['python']}")

@@ -37,7 +37,8 @@ import torch
 
 import frozennorm  # noqa: F401  (loads the ops)
 from frozennorm.bench.cases import DTYPES, SHAPES, shape_str
-from frozennorm.bench.report import fmt_ratio, fmt_time, geomean, load_average, metadata, table
+from frozennorm.bench.report import (check_provenance, fmt_ratio, fmt_time, geomean, load_average,
+                                    metadata, provenance_note, table)
 from frozennorm.bench.timing import BUSY_LOAD, CpuTimer, configure_cpu_malloc, timed_rounds
 from frozennorm.modules import FrozenBatchNorm2d
 from frozennorm.ops import ACTIVATIONS
@@ -229,11 +230,13 @@ def write(out_dir: Path, meta: Dict, rows: Sequence[Dict]) -> None:
                        fmt_ratio(r["x_floor"]) + busy_mark(r)]
                       for r in rows], markdown=True)
     load = meta["load_average"], meta["load_average_end"]
+    note = provenance_note(meta)
     (out_dir / "kernels.md").write_text(
         f"# frozennorm CPU kernels: fused epilogues and strided views\n\n"
-        f"{meta['cpu_model']}, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
-        f"CPU kernels' capability {meta['capability']}; {meta['date']}; load average "
-        f"{load[0]} at the start, {load[1]} at the end; {meta['elapsed_s']} s.\n\n"
+        + (f"{note}\n\n" if note else "")
+        + f"{meta['cpu_model']}, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
+        f"CPU kernels' capability {meta['capability']}; commit {meta['git']}; {meta['date']}; "
+        f"load average {load[0]} at the start, {load[1]} at the end; {meta['elapsed_s']} s.\n\n"
         f"`{meta['command']}`\n\n"
         "x floor: op time / (x.clone() time x the bytes the op moves over clone's), "
         "timed in the same interleaved rounds. step: a training step (the module's forward and "
@@ -264,6 +267,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--busy-retries", type=int, default=2)
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path)
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write into benchmarks/results/ from uncommitted changes or a stale "
+                        "build (refused otherwise; the results say so at the top)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -276,6 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv_used = list(sys.argv[1:] if argv is None else argv)
     meta = metadata("cpu", "python benchmarks/cpu_kernels.py " + shlex.join(argv_used), settings)
     meta["capability"] = ops._cpu_capability()
+    if args.out:
+        check_provenance(meta, args.out, args.allow_dirty)
     rows = run(cases, args.repeat, args.min_run_time, args.busy_retries)
     meta["elapsed_s"] = round(time.monotonic() - start, 1)
     meta["load_average_end"] = load_average()

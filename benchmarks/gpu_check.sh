@@ -1,53 +1,105 @@
 #!/usr/bin/env bash
-# GPU verification in one command (an H100/H200 machine with torch, pytest, hypothesis, nvcc,
-# compute-sanitizer): build for this GPU, run the CUDA tests, compute-sanitizer memcheck and
-# racecheck over every kernel variant, and the benchmark. Everything is logged to OUT.
+# The GPU check, in stages that fit a 15-minute GPU window (machine start-up included; one
+# command runs at most 10 minutes). On the GPU machine, from the checkout (torch with CUDA,
+# nvcc, pytest, hypothesis, torchvision, timm; no network):
 #
-#   bash benchmarks/gpu_check.sh [OUT]        (default OUT: benchmarks/results/gpu)
+#   bash benchmarks/gpu_check.sh OUT 1   build for this GPU's arch on all cores, the static
+#                                        check of that build, the CUDA tests (-x)   ~4 min
+#   bash benchmarks/gpu_check.sh OUT 2   compute-sanitizer memcheck (32- and 64-bit index
+#                                        kernels) and initcheck on the kernel driver   ~3 min
+#   bash benchmarks/gpu_check.sh OUT 3   the kernels' bandwidth, the quick op-level benchmark
+#                                        (no torch.compile), one end-to-end case       ~3 min
+#   bash benchmarks/gpu_check.sh OUT     1, 2 and 3 in turn
 #
-# OUT receives gpu_check.log (device, driver, versions, build, tests, sanitizer) and the
-# benchmark's results.json / results.md / plots under OUT/bench (op level + R50-FPN end to
-# end), OUT/bench_resnet50 (ResNet-50 body end to end) and OUT/bench_compiled (training
-# steps against torch.compile, both models).
+# The estimates, and what they rest on, are in benchmarks/README.md ("CUDA: the GPU check").
+# Each stage appends to OUT/stageN.log as it runs (Python unbuffered), and the benchmarks
+# write under OUT/, so a run cut short still leaves what it did. Stage 1 builds in place
+# (pip install -e); stages 2 and 3 use that build. Without a GPU each stage says what it
+# would run and exits 0 (a dry run: CI runs it so).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu}
+STAGES=${2:-1 2 3}
+PY=${PYTHON:-python}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
-status=0
-step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+export PYTHONUNBUFFERED=1
 
-step "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+say() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 
-step "build (TORCH_CUDA_ARCH_LIST=$ARCH)"
-FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=$(nproc) \
-    python -m pip install --no-deps --no-build-isolation -v -e . > "$OUT/build.txt" 2>&1 \
-    || { tail -50 "$OUT/build.txt"; echo "BUILD FAILED"; exit 1; }
-grep -F "[frozennorm build]" "$OUT/build.txt"; rm -f "$OUT/build.txt"
-python -m frozennorm.info
+has_gpu() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 
-step "CUDA tests"
-python -m pytest tests -m cuda -q -p no:cacheprovider -x || status=1
+# Runs (or, without a GPU, shows) one command of a stage; its status goes into `status`.
+run() {
+    if [ "$DRY" = 1 ]; then echo "  would run: $*"; return 0; fi
+    say "$*"
+    "$@" || { echo "FAILED (exit $?): $*"; status=1; }
+}
 
-step "compute-sanitizer memcheck"
-compute-sanitizer --tool memcheck --error-exitcode 9 python benchmarks/cuda_kernel_driver.py || status=1
-step "compute-sanitizer racecheck"
-compute-sanitizer --tool racecheck --error-exitcode 9 python benchmarks/cuda_kernel_driver.py || status=1
+sanitizer() {
+    local cs
+    cs=$(command -v compute-sanitizer || true)
+    [ -z "$cs" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ] && cs=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
+    echo "${cs:-compute-sanitizer}"
+}
 
-step "benchmark"
-python -m frozennorm.bench --device cuda --out "$OUT/bench" || status=1
-# (separate runs, so that what finished is written even if the time runs out later)
-step "benchmark: end to end, ResNet-50 body"
-python -m frozennorm.bench --device cuda --e2e-only --e2e-model resnet50 \
-    --out "$OUT/bench_resnet50" || status=1
-step "benchmark: end to end against torch.compile (training, float32)"
-python -m frozennorm.bench --device cuda --e2e-only --e2e-model fpn,resnet50 \
-    --e2e-mode training --e2e-dtype float32 \
-    --e2e-variants torchvision,frozennorm_fold,compiled_tv,compiled_frozennorm,identity \
-    --out "$OUT/bench_compiled" || status=1
+stage1() {  # build, static check, CUDA tests
+    run nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    run "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cpus', __import__('os').cpu_count())"
+    local arch
+    arch=$([ "$DRY" = 1 ] && echo 9.0 || "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    if [ "$DRY" = 1 ]; then
+        echo "  would run: FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=<this GPU's arch> MAX_JOBS=$(nproc) $PY -m pip install --no-deps --no-build-isolation -v -e . > $OUT/build.log"
+    else
+        say "build for sm_${arch/./} on $(nproc) cores (log: $OUT/build.log)"
+        local t0=$SECONDS
+        if ! FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$(nproc) \
+                "$PY" -m pip install --no-deps --no-build-isolation -v -e . > "$OUT/build.log" 2>&1; then
+            tail -40 "$OUT/build.log"; echo "BUILD FAILED"; status=1; return
+        fi
+        grep -F "[frozennorm build]" "$OUT/build.log" | sort -u
+        grep -iE "warning" "$OUT/build.log" | grep -v "pip\|setuptools\|Deprecat" | head -20
+        echo "build took $((SECONDS - t0)) s"
+    fi
+    run "$PY" -m frozennorm.info
+    run "$PY" .ci/cuda_static_check.py
+    run "$PY" -m pytest tests -m cuda -x -q -p no:cacheprovider -rs --durations=15 \
+        --junitxml="$OUT/cuda_tests.xml"
+}
 
-step "done: status $status"
-exit $status
+stage2() {  # compute-sanitizer over every kernel variant (no racecheck: no shared memory)
+    local cs
+    cs=$(sanitizer)
+    run "$cs" --tool memcheck --error-exitcode 9 "$PY" benchmarks/cuda_kernel_driver.py
+    run "$cs" --tool memcheck --error-exitcode 9 "$PY" benchmarks/cuda_kernel_driver.py --index64
+    run "$cs" --tool initcheck --error-exitcode 9 "$PY" benchmarks/cuda_kernel_driver.py
+}
+
+stage3() {  # the predictions of benchmarks/README.md ("CUDA") against the GPU
+    run "$PY" benchmarks/cuda_kernels.py --out "$OUT/kernels"
+    run "$PY" -m frozennorm.bench --device cuda --ops-only \
+        --contenders clone,frozennorm,bn_eval,torchvision,detectron2 --no-progress --out "$OUT/bench_ops"
+    run "$PY" -m frozennorm.bench --device cuda --e2e-only --e2e-model fpn --e2e-mode training \
+        --e2e-dtype bfloat16 --no-progress --out "$OUT/bench_e2e"
+}
+
+DRY=0
+has_gpu || DRY=1
+overall=0
+for n in $STAGES; do
+    case $n in 1|2|3) ;; *) echo "unknown stage $n (1, 2 or 3)"; exit 2 ;; esac
+    status=0
+    {
+        if [ "$DRY" = 1 ]; then
+            echo "stage $n: no CUDA GPU visible, skipped; it would run:"
+        else
+            say "stage $n on $(hostname)"
+        fi
+        t0=$SECONDS
+        "stage$n"
+        [ "$DRY" = 1 ] || say "stage $n done in $((SECONDS - t0)) s: status $status"
+        echo "$status" > "$OUT/stage$n.status"
+    } 2>&1 | tee -a "$OUT/stage$n.log"
+    s=$(cat "$OUT/stage$n.status" 2>/dev/null || echo 1)
+    [ "$s" = 0 ] || overall=1
+done
+exit $overall

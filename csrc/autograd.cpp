@@ -49,6 +49,78 @@ bool requires_grad(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->requires_grad();
 }
 
+bool defined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// A Function's needs_input_grad takes autograd edges, which skip the absent optional
+// tensors (and the non-tensor arguments): the forward records each argument's edge (-1:
+// none), and needs_grad asks by argument position.
+void record_edges(AutogradContext* ctx, std::initializer_list<bool> is_tensor) {
+  std::vector<int64_t> edges;
+  int64_t next = 0;
+  for (const bool t : is_tensor) edges.push_back(t ? next++ : -1);
+  ctx->saved_data["edges"] = edges;
+}
+
+bool needs_grad(AutogradContext* ctx, size_t argument) {
+  const int64_t edge = ctx->saved_data["edges"].toIntList()[argument];
+  return edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(edge));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_affine_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& saved,
+    const at::Tensor& mean, const at::Tensor& scale, int64_t activation, bool input_grad,
+    bool residual_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("frozennorm::frozen_bn_affine_backward", "")
+                       .typed<decltype(call_affine_backward)>();
+  return op.call(grad_output, input, saved, mean, scale, activation, input_grad, residual_grad);
+}
+
+// When statistics require grad (trainable affine parameters, or functional use), a backward
+// needs the forward's input and the statistics too. Saved as
+// {scale, saved, input, weight, mean, var} (saved: the activation's tensor, or undefined).
+// The running statistics are saved as copies unless they require grad themselves: DDP
+// overwrites module buffers in place between forwards, which would fail the backward.
+bool save_statistics(AutogradContext* ctx, const at::Tensor& scale, const at::Tensor& saved,
+                     const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                     const at::Tensor& var, double eps) {
+  const bool stats_grad = requires_grad(weight) || requires_grad(bias) || mean.requires_grad() ||
+      var.requires_grad();
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["stats_grad"] = stats_grad;
+  if (stats_grad) {
+    ctx->saved_data["bias_dtype"] =
+        bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
+    auto kept = [](const at::Tensor& t) { return t.requires_grad() ? t : t.detach().clone(); };
+    ctx->save_for_backward({scale, saved, input, weight.has_value() ? *weight : at::Tensor(),
+                            kept(mean), kept(var)});
+  } else {
+    ctx->save_for_backward({scale, saved});
+  }
+  return stats_grad;
+}
+
+// The gradients of weight, bias, running_mean, running_var (into out[first..first + 3],
+// where ctx needs them) from the per-channel sums of the BatchNorm output's gradient g and
+// of g * (input - mean): d/dweight = sum(g (x - m)) / sqrt(v + eps), d/dbias = sum(g),
+// d/dmean = -sum(g) * scale, d/dvar = -sum(g (x - m)) * scale / (2 (v + eps)).
+void statistics_grads(AutogradContext* ctx, variable_list& out, size_t first,
+                      const at::Tensor& sum_grad, const at::Tensor& sum_centered,
+                      const at::Tensor& scale, const at::Tensor& invstd, const at::Tensor& weight,
+                      const at::Tensor& mean, const at::Tensor& var) {
+  if (needs_grad(ctx, first)) out[first] = (sum_centered * invstd).to(weight.scalar_type());
+  if (needs_grad(ctx, first + 1)) {
+    out[first + 1] = sum_grad.to(ctx->saved_data["bias_dtype"].toScalarType());
+  }
+  if (needs_grad(ctx, first + 2)) out[first + 2] = (-sum_grad * scale).to(mean.scalar_type());
+  if (needs_grad(ctx, first + 3)) {
+    out[first + 3] = (sum_centered * scale * invstd * invstd * -0.5).to(var.scalar_type());
+  }
+}
+
 class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
  public:
   static variable_list forward(
@@ -57,17 +129,8 @@ class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
       double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, scale] = call_forward(input, weight, bias, mean, var, eps);
-    const bool stats_grad = requires_grad(weight) || requires_grad(bias) ||
-        mean.requires_grad() || var.requires_grad();
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["stats_grad"] = stats_grad;
-    if (stats_grad) {
-      ctx->saved_data["bias_dtype"] =
-          bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
-      ctx->save_for_backward(
-          {input, weight.has_value() ? *weight : at::Tensor(), mean, var});
-    } else {
-      ctx->save_for_backward({scale});
+    if (save_statistics(ctx, scale, at::Tensor(), input, weight, bias, mean, var, eps)) {
+      record_edges(ctx, {true, defined(weight), defined(bias), true, true, false});
     }
     ctx->mark_non_differentiable({scale});
     ctx->set_materialize_grads(false);  // no zeros for the scale's (never used) gradient
@@ -84,29 +147,34 @@ class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
               at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const double eps = ctx->saved_data["eps"].toDouble();
-    const at::Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
-    at::ScalarType stats = c10::promoteTypes(mean.scalar_type(), var.scalar_type());
-    if (weight.defined()) stats = c10::promoteTypes(stats, weight.scalar_type());
-    const at::ScalarType acc = compute_dtype(input.scalar_type(), stats);
-    const at::Tensor invstd = (var.to(acc) + eps).sqrt().reciprocal();
-    const at::Tensor scale = weight.defined() ? invstd * weight.to(acc) : invstd;
+    const at::Tensor &forward_scale = saved[0], &input = saved[2], &weight = saved[3],
+                     &mean = saved[4], &var = saved[5];
+    const at::ScalarType acc = forward_scale.scalar_type();
+    const at::Tensor std = (var.to(acc) + eps).sqrt();
+    const at::Tensor invstd = std.reciprocal();
     variable_list out(6);
+    if (!at::GradMode::is_enabled()) {  // one fused pass
+      auto [grad_input, unused, sum_grad, sum_centered] = call_affine_backward(
+          grad, input, std::nullopt, mean, forward_scale,
+          static_cast<int64_t>(Activation::kIdentity), need_input, false);
+      if (need_input) out[0] = grad_input;
+      statistics_grads(ctx, out, 1, sum_grad, sum_centered, forward_scale, invstd, weight, mean,
+                       var);
+      return out;
+    }
+    // A double backward: differentiable ATen formulas. One rule for the scale: the forward
+    // kernel's, whichever statistics require grad, with the derivative of ATen's
+    // weight / sqrt(var + eps), whose value may differ from the kernel's by an ulp: that
+    // difference is exact (Sterbenz), so adding it back gives the kernel's value bit for bit.
+    const at::Tensor formula = weight.defined() ? weight.to(acc) / std : invstd;
+    const at::Tensor scale = formula + (forward_scale - formula.detach());
     if (need_input) out[0] = call_backward(grad, scale);
     const auto dims = reduce_dims(input.dim());
     const at::Tensor g = grad.to(acc);
-    at::Tensor g_sum, g_xc;
-    if (ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) g_sum = g.sum(dims);
-    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(4)) {
-      g_xc = (g * (input.to(acc) - mean.to(acc).view(channel_shape(input)))).sum(dims);
-    }
-    if (ctx->needs_input_grad(1)) out[1] = (g_xc * invstd).to(weight.scalar_type());
-    if (ctx->needs_input_grad(2)) {
-      out[2] = g_sum.to(ctx->saved_data["bias_dtype"].toScalarType());
-    }
-    if (ctx->needs_input_grad(3)) out[3] = (-g_sum * scale).to(mean.scalar_type());
-    if (ctx->needs_input_grad(4)) {
-      out[4] = (g_xc * scale * invstd * invstd * -0.5).to(var.scalar_type());
-    }
+    const at::Tensor sum_grad = g.sum(dims);
+    const at::Tensor sum_centered =
+        (g * (input.to(acc) - mean.to(acc).view(channel_shape(input)))).sum(dims);
+    statistics_grads(ctx, out, 1, sum_grad, sum_centered, scale, invstd, weight, mean, var);
     return out;
   }
 };
@@ -156,26 +224,26 @@ std::tuple<at::Tensor, at::Tensor> call_act_backward(const at::Tensor& grad_outp
   return op.call(grad_output, saved, scale, activation, residual_grad);
 }
 
-// The fused epilogue: gradients for the input and the residual. What is saved is what the
-// unfused sequence would save: nothing of activation size for identity, the output for
-// ReLU/ReLU6, the pre-activation for SiLU (the forward writes it only then).
+// The fused epilogue: gradients for the input and the residual (and, when they require
+// grad, the statistics). What is saved is what the unfused sequence would save: nothing of
+// activation size for identity, the output for ReLU/ReLU6, the pre-activation for SiLU (the
+// forward writes it only then), and the input when statistics require grad.
 class FrozenBNActFunction : public torch::autograd::Function<FrozenBNActFunction> {
  public:
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& residual,
       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
       const at::Tensor& mean, const at::Tensor& var, double eps, int64_t activation, bool) {
-    TORCH_CHECK(!(requires_grad(weight) || requires_grad(bias) || mean.requires_grad() ||
-                  var.requires_grad()),
-                "frozen_bn_act differentiates the input and the residual only; for gradients of "
-                "the statistics use frozen_bn followed by the activation");
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool silu = activation == static_cast<int64_t>(Activation::kSiLU);
     auto [out, scale, preact] =
         call_act_forward(input, residual, weight, bias, mean, var, eps, activation, silu);
     ctx->saved_data["activation"] = activation;
     const bool identity = activation == static_cast<int64_t>(Activation::kIdentity);
-    ctx->save_for_backward({scale, identity ? at::Tensor() : (silu ? preact : out)});
+    save_statistics(ctx, scale, identity ? at::Tensor() : (silu ? preact : out), input, weight,
+                    bias, mean, var, eps);
+    record_edges(ctx, {true, defined(residual), defined(weight), defined(bias), true, true, false,
+                       false, false});
     ctx->mark_non_differentiable({scale, preact});
     ctx->set_materialize_grads(false);  // no zeros for the gradients of scale and preact
     return {out, scale, preact};
@@ -189,9 +257,23 @@ class FrozenBNActFunction : public torch::autograd::Function<FrozenBNActFunction
                 "activation where second derivatives are needed");
     variable_list out(9);
     if (!grads[0].defined()) return out;  // the output took no part in the loss
-    const bool need_residual = ctx->needs_input_grad(1);
+    const bool need_input = ctx->needs_input_grad(0), need_residual = needs_grad(ctx, 1);
+    if (ctx->saved_data["stats_grad"].toBool()) {
+      const at::Tensor &scale = saved[0], &input = saved[2], &weight = saved[3],
+                       &mean = saved[4], &var = saved[5];
+      const std::optional<at::Tensor> act_saved =
+          saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+      auto [grad_input, grad_residual, sum_grad, sum_centered] = call_affine_backward(
+          grads[0], input, act_saved, mean, scale, activation, need_input, need_residual);
+      if (need_input) out[0] = grad_input;
+      if (need_residual) out[1] = grad_residual;
+      const at::Tensor invstd =
+          (var.to(scale.scalar_type()) + ctx->saved_data["eps"].toDouble()).sqrt().reciprocal();
+      statistics_grads(ctx, out, 2, sum_grad, sum_centered, scale, invstd, weight, mean, var);
+      return out;
+    }
     if (activation == static_cast<int64_t>(Activation::kIdentity)) {
-      if (ctx->needs_input_grad(0)) out[0] = call_backward(grads[0], saved[0]);
+      if (need_input) out[0] = call_backward(grads[0], saved[0]);
       if (need_residual) out[1] = grads[0];
       return out;
     }

@@ -32,6 +32,16 @@ TORCH_LIBRARY(frozennorm, m) {
   m.def(
       "frozen_bn_act_backward(Tensor grad_output, Tensor saved, Tensor scale, int activation, "
       "bool residual_grad) -> (Tensor, Tensor)");
+  // The backward when the affine parameters (or the statistics) train: in one pass over
+  // grad_output, input (the forward's input) and saved (as frozen_bn_act_backward's; None
+  // for identity), ga = grad_output * act'(saved) rounded to the data dtype, and returns
+  // (ga * scale if input_grad else empty, ga if residual_grad else empty,
+  //  sum of ga per channel, sum of ga * (input - running_mean) per channel), the sums in the
+  // compute dtype (float32; float64 for float64 data or scale), deterministic.
+  m.def(
+      "frozen_bn_affine_backward(Tensor grad_output, Tensor input, Tensor? saved, "
+      "Tensor running_mean, Tensor scale, int activation, bool input_grad, bool residual_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -153,8 +153,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     if args.weights is None and args.calibrate > 0:
         calibrate_batchnorm(detector, args.calibrate, args, g)
     # The one line: freeze the BatchNorm layers inside the chosen modules (before building
-    # the optimizer, before wrapping in DistributedDataParallel).
-    model, report = frozennorm.convert_frozen_bn(detector, include=args.freeze, report=True)
+    # the optimizer, before wrapping in DistributedDataParallel), weight and bias with the
+    # statistics as torchvision's and detectron2's recipes do (trainable_affine="source"
+    # would keep them training: mmdet's recipe).
+    model, report = frozennorm.convert_frozen_bn(detector, include=args.freeze,
+                                                 trainable_affine=False, report=True)
     print(report)
     table = frozennorm.audit(model)
     print(table if args.audit else table.summary())

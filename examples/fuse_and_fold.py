@@ -11,8 +11,9 @@
 3. Quantization-aware training: ``fold_frozen_bn(model, "training")`` makes each conv use
    its weight times the BatchNorm's scale at every call (the weights stay trainable, the
    state dict is the same); ``fuse`` still merges the shift that is left with the ReLU.
-4. Inference: ``fold_frozen_bn(model)`` rewrites the weights once; the BatchNorm layers
-   disappear.
+4. Inference: ``fold_frozen_bn(model)`` rewrites the weights once; what is left of each
+   BatchNorm is its per-channel shift, which ``fuse`` merges with the ReLU (or add and
+   ReLU) after it.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def main() -> None:
 
     model = getattr(torchvision.models, args.model)()
     made_up_statistics(model)
-    model = frozennorm.convert_frozen_bn(model).to(args.device).train()
+    model = frozennorm.convert_frozen_bn(model, trainable_affine=False).to(args.device).train()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
 
     fused, fuse_report = frozennorm.fuse(model, report=True)
@@ -79,7 +80,7 @@ def main() -> None:
 
     with torch.no_grad():
         ref = model(x)
-        deploy = frozennorm.fold_frozen_bn(model.eval())
+        deploy = frozennorm.fuse(frozennorm.fold_frozen_bn(model.eval()))
         for name, m in (("fuse", fused), ("training fold + fuse", qat),
                         ("inference fold", deploy)):
             err = (m(x) - ref).abs().max() / ref.abs().max()

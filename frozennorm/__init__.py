@@ -25,6 +25,7 @@ from .convert import FrozenNormWarning, convert_frozen_bn, revert_frozen_bn
 from .diagnostics import NotFrozenError, assert_frozen, audit
 from .fuse import UntraceableError, fuse
 from .fold import fold_frozen_bn
+from . import quantization  # noqa: F401  (registers torch.ao's fuser methods for frozen layers)
 
 __all__ = [
     "__version__",

@@ -7,7 +7,7 @@ silently drop the activation.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,8 @@ def own_activation(module: nn.Module) -> Optional[str]:
 
 
 def bn_act_forward(module: nn.Module, bn: Callable[..., Tensor], input: Tensor,
-                   residual: Optional[Tensor], activation: str) -> Tensor:
+                   residual: Optional[Tensor], activation: str,
+                   inplace_add: bool = False) -> Tensor:
     """``act(drop(bn(input)))`` for a BN+activation layer whose BatchNorm part is
     ``bn(input, residual=None, activation="identity")``: one pass when ``act`` is a
     ReLU/ReLU6/SiLU/identity and ``drop`` an identity. A ``residual`` and an
@@ -54,7 +55,7 @@ def bn_act_forward(module: nn.Module, bn: Callable[..., Tensor], input: Tensor,
             f"drop={type(module.drop).__name__})")
     if own is None:
         return module.act(module.drop(bn(input)))
-    return bn(input, residual, own if activation == "identity" else activation)
+    return bn(input, residual, own if activation == "identity" else activation, inplace_add)
 
 
 class FrozenBatchNormAct2d(FrozenBatchNorm2d):
@@ -77,28 +78,47 @@ class FrozenBatchNormAct2d(FrozenBatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, *,
                  act: Optional[nn.Module] = None, drop: Optional[nn.Module] = None,
-                 device: Optional[torch.device] = None,
+                 trainable_affine: bool = False, device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
-        super().__init__(num_features, eps, device=device, dtype=dtype)
+        super().__init__(num_features, eps, trainable_affine=trainable_affine, device=device,
+                         dtype=dtype)
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                activation: str = "identity") -> Tensor:
+                activation: str = "identity", inplace_add: bool = False) -> Tensor:
         """``act(drop(bn(input)))``, in one fused pass each way when ``act`` is a ReLU,
         ReLU6, SiLU or identity and ``drop`` an identity. With both identities it takes a
         ``residual`` and an ``activation`` as :class:`FrozenBatchNorm2d` does."""
-        return bn_act_forward(self, super().forward, input, residual, activation)
+        if torch.jit.is_scripting():
+            # the same decision as bn_act_forward, taken when the module was scripted
+            own = self._scripted_activation
+            if own != "identity" and (residual is not None or activation != "identity"):
+                raise ValueError("FrozenBatchNormAct2d: a residual and an activation are taken "
+                                 "only when its own drop and act are identities")
+            if own == "":
+                return self.act(self.drop(self._normalize(input, None, "identity")))
+            return self._normalize(input, residual,
+                                   own if activation == "identity" else activation, inplace_add)
+        return bn_act_forward(self, self._normalize, input, residual, activation, inplace_add)
+
+    def __prepare_scriptable__(self) -> "FrozenBatchNormAct2d":
+        # torch.jit.script calls this first: which of act/drop the fused op computes is
+        # decided by their types, which TorchScript cannot test, so it is decided here
+        # ("" where act or drop is another module, run after the frozen BatchNorm).
+        self._scripted_activation = own_activation(self) or ""
+        return self
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module) -> "FrozenBatchNormAct2d":
+    def from_batchnorm(cls, bn: nn.Module, eps: Optional[float] = None,
+                       trainable_affine: Union[bool, str] = False) -> "FrozenBatchNormAct2d":
         """A frozen copy of ``bn`` (statistics copied) that takes over its ``act``/``drop``.
 
         Any BatchNorm-like module is accepted (see
         :meth:`FrozenBatchNorm.from_batchnorm`); one without ``act``/``drop`` submodules
         gives identities.
         """
-        frozen = super().from_batchnorm(bn)
+        frozen = super().from_batchnorm(bn, eps, trainable_affine)
         assert isinstance(frozen, FrozenBatchNormAct2d)
         for name in ("drop", "act"):
             sub = getattr(bn, name, None)

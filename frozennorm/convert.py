@@ -6,8 +6,9 @@ anything and the model's output is the original's eval-mode output, in every mod
 
 * ``nn.BatchNorm1d`` / ``2d`` / ``3d`` -> ``FrozenBatchNorm1d`` / ``2d`` / ``3d``;
 * ``nn.SyncBatchNorm``, apex's ``SyncBatchNorm`` -> ``FrozenBatchNorm`` (any rank);
-* torchvision's and detectron2's ``FrozenBatchNorm2d``, detectron2's ``NaiveSyncBatchNorm``
-  -> ``FrozenBatchNorm2d``;
+* torchvision's and detectron2's ``FrozenBatchNorm2d``, detectron2's ``NaiveSyncBatchNorm``,
+  Hugging Face transformers' ``DetrFrozenBatchNorm2d`` and its copies (RT-DETR, Conditional/
+  Deformable/DAB-DETR, ...; eps 1e-5, which their forward hard-codes) -> ``FrozenBatchNorm2d``;
 * timm's ``BatchNormAct2d`` / ``SyncBatchNormAct`` / ``FrozenBatchNormAct2d`` ->
   ``FrozenBatchNormAct2d`` (their ``act`` and ``drop`` kept);
 * subclasses of these that keep their forward, likewise.
@@ -24,6 +25,7 @@ import dataclasses
 import enum
 import fnmatch
 import importlib
+import inspect
 import warnings
 from typing import (Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type,
                     Union, overload)
@@ -110,6 +112,12 @@ class ConversionReport:
     unmatched_patterns: List[str] = dataclasses.field(default_factory=list)
     #: What was done to the converted layers: "converted" or "reverted".
     action: str = "converted"
+    #: Parameters (qualified names) that required grad and became frozen buffers: an
+    #: optimizer built before converting still holds the old tensors.
+    frozen_parameters: List[str] = dataclasses.field(default_factory=list)
+    #: Layers whose statistics were never trained (running_mean 0, running_var 1,
+    #: num_batches_tracked 0): freezing them freezes an identity normalisation.
+    untrained: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def problems(self) -> List[ConversionRecord]:
@@ -128,6 +136,14 @@ class ConversionReport:
                   + (f" - {r.detail}" if r.detail else "") for r in self.skipped]
         if self.unmatched_patterns:
             lines.append(f"patterns that matched no module: {self.unmatched_patterns}")
+        if self.frozen_parameters:
+            lines.append(f"trainable parameters frozen: {len(self.frozen_parameters)} "
+                         f"({', '.join(self.frozen_parameters[:4])}"
+                         f"{', ...' if len(self.frozen_parameters) > 4 else ''})")
+        if self.untrained:
+            lines.append(f"statistics never trained: {len(self.untrained)} layer(s) "
+                         f"({', '.join(self.untrained[:4])}"
+                         f"{', ...' if len(self.untrained) > 4 else ''})")
         return "\n".join(lines)
 
 
@@ -143,10 +159,14 @@ _TORCH_TARGETS: Dict[type, Type[FrozenBatchNorm]] = {
     _BatchNorm: FrozenBatchNorm,
 }
 
+#: A frozen class, or a frozen class and the eps to use (for sources without an ``eps``
+#: attribute, whose forward hard-codes it).
+Target = Union[Type[FrozenBatchNorm], Tuple[Type[FrozenBatchNorm], float]]
+
 # Other libraries' classes, by (top-level package, class name): matching by name means
 # none of them is imported here. Each of these computes plain BatchNorm in eval mode (the
 # timm ones then run self.drop and self.act).
-_FOREIGN_TARGETS: Dict[Tuple[str, str], Type[FrozenBatchNorm]] = {
+_FOREIGN_TARGETS: Dict[Tuple[str, str], Target] = {
     ("timm", "BatchNormAct2d"): FrozenBatchNormAct2d,
     ("timm", "SyncBatchNormAct"): FrozenBatchNormAct2d,
     ("timm", "FrozenBatchNormAct2d"): FrozenBatchNormAct2d,
@@ -155,6 +175,10 @@ _FOREIGN_TARGETS: Dict[Tuple[str, str], Type[FrozenBatchNorm]] = {
     ("detectron2", "NaiveSyncBatchNorm"): FrozenBatchNorm2d,
     ("apex", "SyncBatchNorm"): FrozenBatchNorm,
 }
+# Hugging Face transformers' frozen layers (DetrFrozenBatchNorm2d and its copies in RT-DETR,
+# Conditional/Deformable/DAB-DETR, Table Transformer, Grounding DINO, D-FINE, ...): buffers
+# only, eps 1e-5 written into their forward, no eps attribute.
+_TRANSFORMERS_FROZEN = ("transformers", "FrozenBatchNorm2d", (FrozenBatchNorm2d, 1e-5))
 
 # Classes revert_frozen_bn restores when a layer was converted from them (by path, so
 # that the record on the frozen module is a plain string).
@@ -189,15 +213,26 @@ def _package(cls: type) -> str:
     return cls.__module__.partition(".")[0]
 
 
-def _known_base(cls: type, classes: Mapping[type, Type[FrozenBatchNorm]]
-                ) -> Optional[Tuple[type, Type[FrozenBatchNorm]]]:
-    """The nearest class in ``cls``'s MRO that frozennorm knows, with its frozen class."""
+def _foreign_target(cls: type) -> Optional[Target]:
+    target = _FOREIGN_TARGETS.get((_package(cls), cls.__name__))
+    package, suffix, hf_target = _TRANSFORMERS_FROZEN
+    if target is None and _package(cls) == package and cls.__name__.endswith(suffix):
+        target = hf_target
+    return target
+
+
+def _split_target(target: Target) -> Tuple[Type[FrozenBatchNorm], Optional[float]]:
+    return (target[0], float(target[1])) if isinstance(target, tuple) else (target, None)
+
+
+def _known_base(cls: type, classes: Mapping[type, Target]
+                ) -> Optional[Tuple[type, Type[FrozenBatchNorm], Optional[float]]]:
+    """The nearest class in ``cls``'s MRO that frozennorm knows, with its frozen class and
+    the eps to give it (None: the module's own ``eps``)."""
     for base in cls.__mro__:
-        target = classes.get(base) or _TORCH_TARGETS.get(base)
-        if target is None:
-            target = _FOREIGN_TARGETS.get((_package(base), base.__name__))
+        target = classes.get(base) or _TORCH_TARGETS.get(base) or _foreign_target(base)
         if target is not None:
-            return base, target
+            return (base, *_split_target(target))
     return None
 
 
@@ -331,13 +366,17 @@ def _move_hooks(old: nn.Module, new: nn.Module) -> None:
 
 
 def _run(root: nn.Module, classify: Classifier, scope: Scope, strict: bool,
-         caller: str, action: str, left: str) -> Tuple[nn.Module, ConversionReport]:
+         caller: str, action: str, left: str,
+         review: Optional[Callable[[List[_Entry], ConversionReport], None]] = None
+         ) -> Tuple[nn.Module, ConversionReport]:
     entries = _plan(root, classify, scope, caller)
     report = ConversionReport(unmatched_patterns=scope.unmatched(root), action=action)
     for e in entries:
         record = ConversionRecord(e.name, type(e.module), e.verdict.target, e.verdict.reason,
                                   e.verdict.detail)
         (report.converted if e.verdict.make is not None else report.skipped).append(record)
+    if review is not None:
+        review(entries, report)
     _complain(report, strict, caller, left)
 
     result = root
@@ -356,22 +395,52 @@ def _run(root: nn.Module, classify: Classifier, scope: Scope, strict: bool,
     return result, report
 
 
+def _names(names: Sequence[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def _complain(report: ConversionReport, strict: bool, caller: str, left: str) -> None:
-    """Warn (or raise, with strict) about layers left as they are and unused patterns."""
+    """Warn (or raise, with strict) about layers left as they are, unused patterns, trainable
+    parameters frozen unannounced and untrained statistics; mention (never raise for)
+    frozen layers of unknown implementations."""
     problems = report.problems
+    sections = []
     lines = [f"  {r.name or '<root>'} ({_class_path(r.source)}): {r.reason}: {r.detail}"
              for r in problems]
     if report.unmatched_patterns:
         lines.append(f"  include/exclude patterns that match no module: "
                      f"{report.unmatched_patterns}")
-    if not lines:
+    if lines:
+        sections.append(f"{caller} left {len(problems)} {left}:\n" + "\n".join(lines))
+    if report.frozen_parameters:
+        sections.append(
+            f"{caller} froze {len(report.frozen_parameters)} parameter(s) that required grad "
+            f"(the layers' weight and bias become buffers): {_names(report.frozen_parameters)}. "
+            f"Build the optimizer after converting (one built before still holds the old "
+            f"tensors); pass trainable_affine=False to say that freezing them is meant, or "
+            f"trainable_affine=\"source\" to keep them trainable (statistics frozen, weight "
+            f"and bias trained: mmdet's norm_eval=True, requires_grad=True recipe).")
+    if report.untrained:
+        sections.append(
+            f"{caller}: {len(report.untrained)} layer(s) have statistics that were never "
+            f"trained (running_mean 0, running_var 1, num_batches_tracked 0), which freezing "
+            f"keeps for good: {_names(report.untrained)}. Load the pretrained weights before "
+            f"converting.")
+    unknown = [r for r in report.skipped if r.reason is SkipReason.UNKNOWN_FROZEN]
+    if not sections and not unknown:
         return
-    message = f"{caller} left {len(problems)} {left}:\n" + "\n".join(lines)
-    if strict:
+    message = "\n".join(sections)
+    if strict and sections:
         raise ValueError(message + "\n(nothing was changed: strict=True)")
+    if unknown:
+        message += ("\n" if message else "") + (
+            f"{caller} left {len(unknown)} frozen layer(s) of implementations it does not know "
+            f"as they are (frozen, not converted): " + _names([r.name or "<root>" for r in unknown])
+            + f". {unknown[0].detail}")
     # stacklevel: _complain < _run < the public function < its caller
-    warnings.warn(message + "\n(strict=True makes this an error)", FrozenNormWarning,
-                  stacklevel=4)
+    if sections:
+        message += "\n(strict=True makes this an error)"
+    warnings.warn(message, FrozenNormWarning, stacklevel=4)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,8 +451,8 @@ def _is_ours(module: nn.Module) -> bool:
     return _package(type(module)) == "frozennorm"
 
 
-def _freeze_verdict(module: nn.Module, classes: Mapping[type, Type[FrozenBatchNorm]]
-                    ) -> Optional[_Verdict]:
+def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target],
+                    trainable_affine: Union[bool, str] = False) -> Optional[_Verdict]:
     if _is_ours(module) and is_frozen_batchnorm(module):
         return _LEAVE  # frozennorm's own (plain or folded)
     match = _known_base(type(module), classes)
@@ -396,11 +465,21 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Type[FrozenBatchNo
                 f"BatchNorm in eval mode, pass classes={{{name}: FrozenBatchNorm2d}} (or the "
                 f"frozen class of its rank)"))
         if looks_frozen(module):
+            name = _full_path(type(module))
             return _Verdict(reason=SkipReason.UNKNOWN_FROZEN, detail=(
-                "already frozen, but by an implementation frozennorm does not know (its eps "
-                "may be hard-coded); pass classes={...: FrozenBatchNorm2d} to convert it"))
+                f"already frozen, but by an implementation frozennorm does not know; if its "
+                f"forward computes plain frozen BatchNorm, pass classes={{{name}: "
+                f"frozennorm.FrozenBatchNorm2d}}, or classes={{{name}: "
+                f"(frozennorm.FrozenBatchNorm2d, eps)}} with the eps its forward uses where it "
+                f"has no eps attribute"))
         return None
-    base, target = match
+    base, target, eps = match
+    if eps is None and not isinstance(getattr(module, "eps", None), (int, float)):
+        raise ValueError(
+            f"convert_frozen_bn: {type(module).__name__} has no eps attribute, so the eps its "
+            f"forward uses is unknown (DETR-style layers hard-code 1e-5, maskrcnn-benchmark's "
+            f"use none); give it: classes={{{type(module).__name__}: "
+            f"({target.__name__}, eps)}} (nothing was changed)")
     if getattr(module, "has_uninitialized_params", lambda: False)():
         return _Verdict(reason=SkipReason.UNINITIALIZED,
                         detail="a lazy module: run one forward pass before converting")
@@ -420,7 +499,7 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Type[FrozenBatchNo
     origin = {"class": _full_path(base), "momentum": getattr(module, "momentum", 0.1)}
 
     def make(old: nn.Module, training: bool) -> nn.Module:
-        new = target.from_batchnorm(old)
+        new = target.from_batchnorm(old, eps, trainable_affine)
         new.training = old.training
         setattr(new, ORIGIN_ATTR, dict(origin))
         return new
@@ -431,21 +510,24 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Type[FrozenBatchNo
 @overload
 def convert_frozen_bn(module: nn.Module, *, include: Patterns = ..., exclude: Patterns = ...,
                       predicate: Optional[Predicate] = ...,
-                      classes: Optional[Mapping[type, Type[FrozenBatchNorm]]] = ...,
+                      classes: Optional[Mapping[type, Target]] = ...,
+                      trainable_affine: Union[None, bool, Literal["source"]] = ...,
                       strict: bool = ..., report: Literal[False] = ...) -> nn.Module: ...
 
 
 @overload
 def convert_frozen_bn(module: nn.Module, *, include: Patterns = ..., exclude: Patterns = ...,
                       predicate: Optional[Predicate] = ...,
-                      classes: Optional[Mapping[type, Type[FrozenBatchNorm]]] = ...,
+                      classes: Optional[Mapping[type, Target]] = ...,
+                      trainable_affine: Union[None, bool, Literal["source"]] = ...,
                       strict: bool = ..., report: Literal[True]
                       ) -> Tuple[nn.Module, ConversionReport]: ...
 
 
 def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: Patterns = None,
                       predicate: Optional[Predicate] = None,
-                      classes: Optional[Mapping[type, Type[FrozenBatchNorm]]] = None,
+                      classes: Optional[Mapping[type, Target]] = None,
+                      trainable_affine: Union[None, bool, Literal["source"]] = None,
                       strict: bool = False, report: bool = False
                       ) -> Union[nn.Module, Tuple[nn.Module, ConversionReport]]:
     """Replace every BatchNorm in ``module`` by its frozen counterpart, in place.
@@ -460,7 +542,10 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
 
     Convert before building the optimizer and before wrapping the model in
     ``DistributedDataParallel`` (a DDP-wrapped model is refused): the frozen layers have
-    no parameters.
+    no parameters. Where a layer's weight or bias required grad, the conversion says so
+    (a :class:`FrozenNormWarning`, unless ``trainable_affine=False`` says it is meant), as
+    it does for statistics that were never trained (running_mean 0, running_var 1,
+    ``num_batches_tracked`` 0: a model whose pretrained weights were not loaded yet).
 
     Args:
         module: the model; it may itself be a BatchNorm, and then the frozen module is
@@ -473,10 +558,23 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
         predicate: ``predicate(qualified_name, layer) -> bool``, checked last.
         classes: more classes to convert, ``{MyBatchNorm: FrozenBatchNorm2d}``: you vouch
             that their eval-mode forward is plain BatchNorm (map BN+activation classes
-            with ``act``/``drop`` submodules to :class:`FrozenBatchNormAct2d`).
+            with ``act``/``drop`` submodules to :class:`FrozenBatchNormAct2d`). For a class
+            without an ``eps`` attribute give the eps its forward uses:
+            ``{MyFrozenBN: (FrozenBatchNorm2d, 1e-5)}``; without one that is an error.
+        trainable_affine: what becomes of weight and bias (the running statistics are
+            frozen buffers whatever this says). ``None`` (default) and ``False``: frozen
+            buffers too (torchvision's and detectron2's recipe); ``None`` warns where they
+            required grad, ``False`` says that this is meant. ``True``: trainable
+            ``nn.Parameter`` objects (the layer's own ones, so an optimizer that
+            holds them keeps working). ``"source"``: each layer's own weight and bias
+            Parameters as they are, trainable where they required grad (mmdet's
+            ``norm_cfg=dict(type="BN", requires_grad=True), norm_eval=True`` recipe, and
+            its ``frozen_stages``), frozen buffers where the layer had none.
         strict: raise ValueError, changing nothing, where a layer would be left live
-            (unknown subclass, no running statistics, ...) or a pattern matches no module;
-            the default warns (:class:`FrozenNormWarning`) and goes on.
+            (unknown subclass, no running statistics, ...), a pattern matches no module,
+            trainable parameters would be frozen unannounced (``trainable_affine=None``)
+            or statistics look untrained; the default warns (:class:`FrozenNormWarning`)
+            and goes on.
         report: also return a :class:`ConversionReport`: what was converted, what was
             skipped and why (out-of-scope layers included).
 
@@ -491,14 +589,111 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
     """
     extra = dict(classes or {})
     for cls, target in extra.items():
-        if not (isinstance(target, type) and issubclass(target, FrozenBatchNorm)):
-            raise TypeError(f"classes[{cls!r}] must be a frozennorm FrozenBatchNorm class, "
-                            f"got {target!r}")
+        frozen_cls = target[0] if isinstance(target, tuple) and len(target) == 2 else target
+        eps_ok = not isinstance(target, tuple) or (isinstance(target[1], (int, float))
+                                                   and not isinstance(target[1], bool))
+        if not (isinstance(frozen_cls, type) and issubclass(frozen_cls, FrozenBatchNorm)
+                and eps_ok):
+            raise TypeError(f"classes[{cls!r}] must be a frozennorm FrozenBatchNorm class or "
+                            f"a (class, eps) pair, got {target!r}")
+    if trainable_affine not in (None, False, True, "source"):
+        raise ValueError(f"trainable_affine must be None, False, True or 'source', got "
+                         f"{trainable_affine!r}")
+    affine = trainable_affine or False
     scope = Scope.build(include, exclude, predicate)
-    result, rep = _run(module, lambda m: _freeze_verdict(m, extra), scope, strict,
+    result, rep = _run(module, lambda m: _freeze_verdict(m, extra, affine), scope, strict,
                        "convert_frozen_bn", "converted",
-                       "BatchNorm layer(s) as they are (their statistics still update in train())")
+                       "BatchNorm layer(s) as they are (their statistics still update in train())",
+                       review=lambda entries, r: _review_freeze(entries, r, trainable_affine))
+    if rep.converted:
+        _adapt_reparameterizers(result)
     return (result, rep) if report else result
+
+
+# --------------------------------------------------------------------------------------
+# Reparameterizable blocks
+# --------------------------------------------------------------------------------------
+
+_FUSE_BN_TENSOR = "_fuse_bn_tensor"
+
+
+class BatchNormView:
+    """A block's ``_fuse_bn_tensor``, taking frozen layers as the BatchNorm they compute.
+
+    Re-parameterizable blocks (RepVGG's convention, followed by timm's MobileOne, RepVGG,
+    FastViT, GhostNetV2, RepGhost blocks and Ultralytics' RepConv) fold their branches
+    into one conv by handing each branch's BatchNorm to ``_fuse_bn_tensor``, which checks
+    ``isinstance(branch, nn.BatchNorm2d)`` (else an assert, or a silently wrong kernel).
+    :func:`convert_frozen_bn` puts this wrapper on such blocks (the instance; the class is
+    unchanged), so that their reparameterization (timm's ``reparameterize_model``) works
+    on a converted model: each frozen layer passed is seen as an eval-mode
+    ``nn.BatchNorm2d`` with its statistics, weight, bias and eps, the kernel and bias it
+    gives are the original model's. Copies, pickles and ``torch.save`` carry it along.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        original = inspect.getattr_static(type(self.module), _FUSE_BN_TENSOR)
+        args = tuple(_as_batchnorm(a) for a in args)
+        kwargs = {k: _as_batchnorm(v) for k, v in kwargs.items()}
+        if isinstance(original, staticmethod):
+            return original.__func__(*args, **kwargs)
+        if isinstance(original, classmethod):
+            return original.__func__(type(self.module), *args, **kwargs)
+        return original(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return type(self), (self.module,)
+
+
+def _as_batchnorm(value: Any) -> Any:
+    """A frozen layer as the eval-mode ``nn.BatchNorm2d`` it computes; anything else as is."""
+    if not (isinstance(value, FrozenBatchNorm) and type(value).forward in
+            (FrozenBatchNorm.forward, FrozenBatchNormAct2d.forward)):
+        return value
+    return _build_live(nn.BatchNorm2d, value, 0.1, training=False, reuse_parameters=False)
+
+
+def _adapt_reparameterizers(root: nn.Module) -> None:
+    for m in root.modules():
+        if (inspect.getattr_static(type(m), _FUSE_BN_TENSOR, None) is not None
+                and not isinstance(m.__dict__.get(_FUSE_BN_TENSOR), BatchNormView)):
+            m.__dict__[_FUSE_BN_TENSOR] = BatchNormView(m)
+
+
+def _is_untrained(module: nn.Module) -> bool:
+    """Statistics as a fresh BatchNorm has them: running_mean 0, running_var 1 and
+    num_batches_tracked 0 (a layer without the counter: also weight 1 and bias 0)."""
+    mean, var = _tensor(module, "running_mean"), _tensor(module, "running_var")
+    if mean is None or var is None or mean.is_meta or mean.numel() == 0:
+        return False
+    count = _tensor(module, "num_batches_tracked")
+    if count is not None:
+        if count.numel() != 1 or int(count) != 0:
+            return False
+    else:
+        weight, bias = _tensor(module, "weight"), _tensor(module, "bias")
+        if (weight is not None and not bool((weight == 1).all())) or (
+                bias is not None and not bool((bias == 0).all())):
+            return False
+    return bool((mean == 0).all()) and bool((var == 1).all())
+
+
+def _review_freeze(entries: List["_Entry"], report: ConversionReport,
+                   trainable_affine: Optional[bool]) -> None:
+    """Records what converting the planned layers would silently change."""
+    for e in entries:
+        if e.verdict.make is None:
+            continue
+        if trainable_affine is None:
+            report.frozen_parameters += [
+                f"{e.name}.{n}" if e.name else n
+                for n, p in e.module.named_parameters(recurse=False)
+                if n in ("weight", "bias") and p.requires_grad]
+        if _is_untrained(e.module):
+            report.untrained.append(e.name or "<root>")
 
 
 # --------------------------------------------------------------------------------------
@@ -554,7 +749,10 @@ def _tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
 
 
 def _build_live(cls: type, frozen: nn.Module, momentum: Optional[float],
-                training: bool) -> nn.Module:
+                training: bool, reuse_parameters: bool = True) -> nn.Module:
+    """A live ``cls`` computing what ``frozen`` does, its statistics copied; weight and bias
+    are ``frozen``'s own Parameters where it has them (``reuse_parameters``: an optimizer
+    that holds them keeps working), else new ones."""
     mean, var = _tensor(frozen, "running_mean"), _tensor(frozen, "running_var")
     assert mean is not None and var is not None
     kw: Dict[str, Any] = dict(eps=float(getattr(frozen, "eps", 0.0)), momentum=momentum,
@@ -564,12 +762,14 @@ def _build_live(cls: type, frozen: nn.Module, momentum: Optional[float],
         bn = cls(mean.numel(), apply_act=False, **kw)
     else:
         bn = cls(mean.numel(), affine=True, track_running_stats=True, **kw)
-    weight, bias = _tensor(frozen, "weight"), _tensor(frozen, "bias")
     with torch.no_grad():
-        bn.weight = nn.Parameter(weight.detach().clone() if weight is not None
-                                 else torch.ones_like(mean))
-        bn.bias = nn.Parameter(bias.detach().clone() if bias is not None
-                               else torch.zeros_like(mean))
+        for name, fill in (("weight", 1.0), ("bias", 0.0)):
+            value = _tensor(frozen, name)
+            if reuse_parameters and isinstance(value, nn.Parameter):
+                setattr(bn, name, value.requires_grad_(True))
+            else:
+                setattr(bn, name, nn.Parameter(value.detach().clone() if value is not None
+                                               else torch.full_like(mean, fill)))
         bn.running_mean = mean.detach().clone()
         bn.running_var = var.detach().clone()
     if _is_timm_act(cls):
@@ -641,9 +841,11 @@ def revert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: Pa
     ``FrozenBatchNormAct2d`` are reverted too.
 
     Each new layer has ``affine=True`` and ``track_running_stats=True``, weight and bias as
-    fresh Parameters (``requires_grad=True``), running statistics that are bit-identical
-    copies, ``num_batches_tracked`` 0, and the train/eval mode of its parent. Rebuild the
-    optimizer afterwards: the new parameters are not in the old one.
+    trainable Parameters (``requires_grad=True``: a trainable-affine layer's own Parameter
+    objects, which an optimizer that holds them keeps training; new ones where they were
+    buffers), running statistics that are bit-identical copies, ``num_batches_tracked`` 0,
+    and the train/eval mode of its parent. Rebuild the optimizer afterwards where weight and
+    bias were buffers: the new parameters are not in the old one.
 
     ``include``, ``exclude``, ``predicate``, ``strict`` and ``report`` work as in
     :func:`convert_frozen_bn` (e.g. ``include="backbone.body.layer4"`` unfreezes one stage).

@@ -5,8 +5,10 @@ shift`` with ``s = weight / sqrt(running_var + eps)`` and ``shift = bias - runni
 s``, so ``bn(conv(x, W, b)) = conv(x, W * s, b * s) + shift``.
 
 * ``mode="inference"``: the weights are rewritten once, in float64: the conv gets
-  ``W * s`` and the bias ``(b - running_mean) * s + bias``, and the BatchNorm's place holds
-  an :class:`IdentityBatchNorm` (or, with ``shift="bn"``, a shift-only frozen BatchNorm).
+  ``W * s`` and the BatchNorm's place a shift-only frozen BatchNorm (identity statistics,
+  bias ``(b - running_mean) * s + bias``), which :func:`frozennorm.fuse` merges with the
+  activation after it; or, with ``shift="conv_bias"``, the conv gets that bias and the
+  BatchNorm's place holds an :class:`IdentityBatchNorm`.
 * ``mode="training"``: the conv keeps its own trainable ``weight`` and ``bias`` and uses
   ``W * s`` (and ``b * s``) at each call (:class:`FoldedConv2d`), so the gradients with
   respect to ``W`` are those of the unfolded model and the conv sees the weight it will
@@ -16,10 +18,13 @@ s``, so ``bn(conv(x, W, b)) = conv(x, W * s, b * s) + shift``.
   inference fold of the model later completes the training fold.
 
 Nothing a fold leaves behind can be folded twice by another tool: the inference fold's
-:class:`IdentityBatchNorm` and shift-only BatchNorm fold again exactly (a framework's
+shift-only BatchNorm and :class:`IdentityBatchNorm` fold again exactly (a framework's
 conv+BN fuser, such as Ultralytics' ``fuse()``, which ``predict``/``val``/``export`` call,
 then changes nothing), and the training fold's :class:`FoldedFrozenBatchNorm` presents no
-BatchNorm attributes (such a fuser fails, saying to fold for inference first).
+BatchNorm attributes (such a fuser fails, saying to fold for inference first). The default
+shift-only BatchNorm also survives fusers that build the fused conv from the conv's weight
+alone, assuming it has no bias (timm's RepViT ``fuse()``, ``reparameterize_model``): with
+``shift="conv_bias"`` such a fuser drops the folded bias.
 
 The pairs are found in the forward of each module that calls a frozen BatchNorm (a
 torch.fx trace of that forward alone, see :func:`frozennorm.fuse`): the conv's output must
@@ -58,6 +63,8 @@ _STATS = ("weight", "bias", "running_mean", "running_var")
 def _check_not_symbolic(module: nn.Module, input: object) -> None:
     """torch.fx symbolic tracing (its input is a Proxy) cannot record a training fold."""
     if not isinstance(input, Tensor):
+        from .quantization import check_not_quantization_tracing
+        check_not_quantization_tracing(module, input)
         raise fx.proxy.TraceError(
             f"{type(module).__name__} (from fold_frozen_bn(..., 'training')) works from the "
             f"live weights and statistics at each call, which torch.fx symbolic tracing cannot "
@@ -99,11 +106,11 @@ class IdentityBatchNorm(nn.Module):
                                  persistent=False)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                activation: str = "identity") -> Tensor:
+                activation: str = "identity", inplace_add: bool = False) -> Tensor:
         if residual is None and activation == "identity":
             return input
         return frozen_batch_norm_act(input, self.running_mean, self.running_var, None, None,
-                                     0.0, activation, residual)
+                                     0.0, activation, residual, inplace_add)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, folded into the convolution before it"
@@ -122,10 +129,11 @@ _HIDDEN = frozenset(_STATS + ("eps",))
 class FoldedFrozenBatchNorm(nn.Module):
     """The BatchNorm half of a training-mode fold: ``x + shift``.
 
-    Holds the frozen BatchNorm's buffers (``weight``, ``bias``, ``running_mean``,
-    ``running_var``: the same tensors, the same state dict keys) and adds what the
-    :class:`FoldedConv2d` before it leaves, ``shift = bias - running_mean * scale``,
-    computed from the buffers at each call. Called as ``(input, residual, activation=...)``
+    Holds the frozen BatchNorm's tensors (``weight``, ``bias``, ``running_mean``,
+    ``running_var``: the same tensors, buffers or, for a trainable-affine layer, weight and
+    bias as the same Parameters, which keep training; the same state dict keys) and adds
+    what the :class:`FoldedConv2d` before it leaves, ``shift = bias - running_mean *
+    scale``, computed from them at each call. Called as ``(input, residual, activation=...)``
     (a forward :func:`~frozennorm.fuse` rewrote) it also adds the residual and applies the
     activation in the same pass.
 
@@ -144,6 +152,8 @@ class FoldedFrozenBatchNorm(nn.Module):
         super().__init__()
         self.num_features = int(source.running_mean.numel())
         self.bn_eps = float(source.eps)
+        for name, param in source.named_parameters(recurse=False):  # trainable weight/bias
+            self.register_parameter(name, param)
         for name, buf in source.named_buffers(recurse=False):
             self.register_buffer(name, buf,
                                  persistent=name not in source._non_persistent_buffers_set)
@@ -163,24 +173,27 @@ class FoldedFrozenBatchNorm(nn.Module):
         return super().__getattr__(name)
 
     def statistics(self) -> Dict[str, Tensor]:
-        """``weight``, ``bias``, ``running_mean``, ``running_var`` (the buffers themselves)."""
-        return {name: self._buffers[name] for name in _STATS}
+        """``weight``, ``bias``, ``running_mean``, ``running_var`` (the tensors themselves:
+        buffers, or Parameters for trainable weight and bias)."""
+        return {name: self._buffers[name] if name in self._buffers else self._parameters[name]
+                for name in _STATS}
 
     def affine(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-        """``(scale, shift)`` in ``dtype``, from the buffers as they are now:
-        ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``."""
-        b = self._buffers
+        """``(scale, shift)`` in ``dtype``, from the tensors as they are now:
+        ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``
+        (differentiable in trainable weight and bias)."""
+        b = self.statistics()
         scale = channel_scale(b["weight"], b["running_var"], self.bn_eps, dtype)
         return scale, b["bias"].to(dtype) - b["running_mean"].to(dtype) * scale
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                activation: str = "identity") -> Tensor:
+                activation: str = "identity", inplace_add: bool = False) -> Tensor:
         _check_not_symbolic(self, input)
         _, shift = self.affine(compute_dtype(input.dtype, self._buffers["running_mean"].dtype))
         zeros = torch.zeros_like(shift)
         # (input - 0) / sqrt(1 + 0) + shift: the shift, added with a single rounding
         return frozen_batch_norm_act(input, zeros, zeros + 1.0, None, shift, 0.0, activation,
-                                     residual)
+                                     residual, inplace_add)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -207,8 +220,8 @@ class FoldedFrozenBatchNormAct2d(FoldedFrozenBatchNorm):
             self.add_module(name, source._modules[name])
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                activation: str = "identity") -> Tensor:
-        return bn_act_forward(self, super().forward, input, residual, activation)
+                activation: str = "identity", inplace_add: bool = False) -> Tensor:
+        return bn_act_forward(self, super().forward, input, residual, activation, inplace_add)
 
 
 register_fusable_forward(FoldedFrozenBatchNormAct2d.forward)
@@ -471,18 +484,19 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
     Args:
         module: the model, its BatchNorm frozen (:func:`convert_frozen_bn`). Modules whose
             forward does not trace keep their pairs unfolded (a warning names them).
-        mode: ``"inference"``: rewrite the weights once (``W * s`` and the folded bias,
-            computed in float64, cast to the conv's dtype); the BatchNorm's place holds an
-            :class:`IdentityBatchNorm` (its state dict keys are gone, and the conv gains a
-            ``bias``). Pairs of an earlier training-mode fold are folded this way too.
+        mode: ``"inference"``: rewrite the weights once (``W * s`` and the folded shift,
+            computed in float64, cast to the conv's dtype; see ``shift``). Pairs of an
+            earlier training-mode fold are folded this way too.
             ``"training"``: the conv keeps ``weight``/``bias`` as its trainable parameters
             and uses ``W * s`` at each call (what quantization-aware training wants); the
             BatchNorm's place keeps the frozen statistics and adds the shift. Outputs,
             gradients, state dict keys and values are the unfolded model's.
-        shift: where the per-channel shift goes in inference mode: ``"conv_bias"`` (the
-            default) or ``"bn"``, a shift-only frozen BatchNorm at the BatchNorm's place
-            whose call :func:`fuse` merges with the next activation (on GPUs, a conv bias
-            costs its own pass). Training mode always keeps it at the BatchNorm's place.
+        shift: where the per-channel shift goes in inference mode: ``"bn"`` (the default),
+            a shift-only frozen BatchNorm at the BatchNorm's place, which :func:`fuse`
+            merges with the activation or residual add after it and every conv+BN fuser
+            folds exactly; or ``"conv_bias"``, the conv's bias (one module less; a fuser
+            that assumes bias-free convs drops it). Training mode always keeps it at the
+            BatchNorm's place.
         inplace: change ``module`` itself (and return it); the default folds a deep copy.
         tracer_class: the ``torch.fx.Tracer`` subclass to trace with (see :func:`fuse`).
         report: also return a :class:`FoldReport`.
@@ -490,7 +504,7 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
     Example::
 
         model = frozennorm.convert_frozen_bn(torchvision.models.resnet50(weights="DEFAULT"))
-        deploy = frozennorm.fold_frozen_bn(model.eval())               # inference
+        deploy = frozennorm.fuse(frozennorm.fold_frozen_bn(model.eval()))  # inference
         qat = frozennorm.fold_frozen_bn(model, "training")             # the conv sees W * s
     """
     if mode not in ("inference", "training"):
@@ -513,7 +527,7 @@ def fold_frozen_bn(module: nn.Module, mode: Mode = "inference", *,
         if mode == "training":
             new_conv, new_bn = _training_pair(conv, bn, full_bn)
         else:
-            new_conv, new_bn = _inference_pair(conv, bn, shift or "conv_bias")
+            new_conv, new_bn = _inference_pair(conv, bn, shift or "bn")
         part.module.set_submodule(conv_name, new_conv)
         part.module.set_submodule(bn_name, new_bn)
         rep.folded.append(FoldedPair(join_path(part.path, conv_name), full_bn))

@@ -98,16 +98,45 @@ def _is_container(module: nn.Module) -> bool:
             and type(module).forward is nn.Module.forward)
 
 
+class _AugmentedProxy(fx.Proxy):
+    """A Proxy that records ``x += y`` (``-=``, ``*=``, ...) as the in-place operator.
+
+    A plain Proxy has no ``__iadd__``, so torch.fx records ``x += y`` as ``x + y``: the
+    forward generated from the trace would then return a new tensor, of the promoted dtype,
+    where the module's own forward wrote into ``x`` and kept its dtype."""
+
+
+def _record_inplace(op: Callable) -> Callable:
+    def method(self: fx.Proxy, other: object) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+              "ixor", "ilshift", "irshift", "imatmul"):
+    setattr(_AugmentedProxy, f"__{_name}__", _record_inplace(getattr(operator, _name)))
+
+
 def _trace_own_forward(path: str, module: nn.Module,
                        tracer_class: Type[fx.Tracer]) -> TracedPart:
     """``module``'s own (class) forward traced, every submodule called as a leaf but plain
-    ``nn.Sequential`` ones, traced through. (fx stores the tensor constants it meets on the
-    module as it traces: they are taken off again.)"""
+    ``nn.Sequential`` ones, traced through, augmented assignments recorded as the in-place
+    operators they are. (fx stores the tensor constants it meets on the module as it
+    traces: they are taken off again.)"""
 
     tracer = tracer_class()
     # (on the instance: the graph records the tracer's class, which must stay picklable)
     tracer.is_leaf_module = (  # type: ignore[method-assign]
         lambda m, module_qualified_name: not _is_plain_sequential(m))
+    make_proxy = tracer.proxy
+
+    def proxy(node: fx.Node) -> fx.Proxy:
+        p = make_proxy(node)
+        if type(p) is fx.Proxy:
+            p.__class__ = _AugmentedProxy
+        return p
+
+    tracer.proxy = proxy  # type: ignore[method-assign]
     before = set(module.__dict__)
     try:
         graph = tracer.trace(module)
@@ -442,9 +471,11 @@ class _Rewriter:
     def _rewrite(self, node: fx.Node, activation: str, residual: Optional[fx.Node],
                  removed: List[fx.Node]) -> None:
         last = removed[-1]
+        kwargs = {"activation": activation}
+        if any(n.target in _INPLACE_ADDS for n in removed):
+            kwargs["inplace_add"] = True  # (with a residual of another dtype: y keeps its own)
         with self.graph.inserting_before(last):
-            new = self.graph.call_module(node.target, (node.args[0], residual),
-                                         {"activation": activation})
+            new = self.graph.call_module(node.target, (node.args[0], residual), kwargs)
         last.replace_all_uses_with(new)
         for n in reversed([node] + removed):
             self.graph.erase_node(n)
@@ -482,8 +513,10 @@ def fuse(module: nn.Module, *, inplace: bool = False, tracer_class: Type[fx.Trac
 
     Python control flow in a rewritten forward runs once, while tracing: branches on
     ``self.training`` are fixed in the mode the module is in now (fuse in the mode you
-    will run). An add is fused on the assumption that both operands have one shape and
-    dtype (residual blocks); the fused op rejects a broadcasting add at run time.
+    will run). A fused add takes its other operand in the same pass when it has the
+    BatchNorm output's shape and dtype (residual blocks) or broadcasts to it; any other
+    (a sum that broadcasts or promotes) is added after the BatchNorm as torch adds it,
+    with the same result as the original forward.
 
     Args:
         module: the model; convert its BatchNorm first (:func:`convert_frozen_bn`).

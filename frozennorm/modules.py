@@ -1,6 +1,6 @@
 """FrozenBatchNorm1d/2d/3d: BatchNorm with frozen statistics, as buffers, on the fused op."""
 
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +30,17 @@ class FrozenBatchNorm(nn.Module):
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel,
     exactly what ``nn.BatchNorm*d`` computes in ``eval()`` mode, in one fused kernel
-    forward and one backward (gradients flow to the input only).
+    forward and one backward.
 
-    All four tensors are buffers, not parameters: nothing here is trained, ``train()`` and
-    ``eval()`` change nothing, and an optimizer never sees them. It is not a
-    ``_BatchNorm`` subclass, so ``nn.SyncBatchNorm.convert_sync_batchnorm``, apex and
-    mmdet's ``norm_eval`` leave it alone.
+    By default all four tensors are buffers, not parameters: nothing here is trained,
+    ``train()`` and ``eval()`` change nothing, an optimizer never sees them, and gradients
+    flow to the input only. With ``trainable_affine=True`` (mmdet's default recipe:
+    ``norm_eval=True`` with ``requires_grad=True``) ``weight`` and ``bias`` are
+    ``nn.Parameter`` objects, trained by the optimizer, while the running statistics stay
+    buffers that nothing updates; the backward then also returns their gradients, in the
+    same single pass. It is not a ``_BatchNorm`` subclass, so
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``, apex and mmdet's ``norm_eval`` leave it
+    alone.
 
     The statistics stay float32 when the module is cast with ``.half()``/``.bfloat16()``
     (the output follows the input's dtype; float16 statistics would lose the mean);
@@ -47,6 +52,8 @@ class FrozenBatchNorm(nn.Module):
     :class:`FrozenBatchNorm1d`/``2d``/``3d`` check the rank like their BatchNorm twins.
     """
 
+    __jit_unused_properties__ = ["trainable_affine"]
+
     _version = 2
     #: input ranks accepted, (lowest, highest)
     _input_dims: Tuple[int, int] = (2, 2**31 - 1)
@@ -56,7 +63,7 @@ class FrozenBatchNorm(nn.Module):
     running_mean: Tensor
     running_var: Tensor
 
-    def __init__(self, num_features: int, eps: float = 1e-5, *,
+    def __init__(self, num_features: int, eps: float = 1e-5, *, trainable_affine: bool = False,
                  device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
@@ -68,22 +75,37 @@ class FrozenBatchNorm(nn.Module):
         self._dims: Tuple[int, int] = type(self)._input_dims
         self._name: str = type(self).__name__
         kw = {"device": device, "dtype": dtype or torch.float32}
-        self.register_buffer("weight", torch.ones(num_features, **kw))
-        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        weight, bias = torch.ones(num_features, **kw), torch.zeros(num_features, **kw)
+        if trainable_affine:
+            self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
+        else:
+            self.register_buffer("weight", weight)
+            self.register_buffer("bias", bias)
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
 
+    @property
+    def trainable_affine(self) -> bool:
+        """Whether weight or bias is an ``nn.Parameter`` (else both are frozen buffers)."""
+        return "weight" in self._parameters or "bias" in self._parameters
+
     def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                activation: str = "identity") -> Tensor:
+                activation: str = "identity", inplace_add: bool = False) -> Tensor:
         """``bn(input)``; with a ``residual`` and/or an ``activation`` ("relu", "relu6",
         "silu"), ``act(bn(input) + residual)`` in the same single pass (how the forwards
-        :func:`frozennorm.fuse` rewrites call it)."""
+        :func:`frozennorm.fuse` rewrites call it; ``inplace_add``: the add was ``+=``, see
+        :func:`frozennorm.frozen_batch_norm_act`)."""
+        return self._normalize(input, residual, activation, inplace_add)
+
+    def _normalize(self, input: Tensor, residual: Optional[Tensor] = None,
+                   activation: str = "identity", inplace_add: bool = False) -> Tensor:
+        """What :meth:`forward` computes (subclasses' forwards call it, also scripted)."""
         self._check_input(input)
         weight, bias, mean, var = self._stats(input)
         if residual is None and activation == "identity":
             return frozen_batch_norm(input, mean, var, weight, bias, self.eps)
         return frozen_batch_norm_act(input, mean, var, weight, bias, self.eps, activation,
-                                     residual)
+                                     residual, inplace_add)
 
     def _stats(self, input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """(weight, bias, running_mean, running_var) for this call.
@@ -96,16 +118,21 @@ class FrozenBatchNorm(nn.Module):
         """
         if not torch.jit.is_scripting():
             if isinstance(input, Tensor) and not torch.compiler.is_compiling():
-                b = self._buffers
+                b, p = self._buffers, self._parameters
                 w, bias, mean, var = (b.get("weight"), b.get("bias"), b.get("running_mean"),
                                       b.get("running_var"))
+                if w is None:  # trainable affine parameters
+                    w, bias = p.get("weight"), p.get("bias")
                 if w is not None and bias is not None and mean is not None and var is not None:
                     return w, bias, mean, var
         return self.weight, self.bias, self.running_mean, self.running_var
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
-            return  # a torch.fx Proxy: no shape to check (the op checks the traced graph's input)
+            # a torch.fx Proxy: no shape to check (the op checks the traced graph's input)
+            if not torch.jit.is_scripting():
+                _check_traced(self, input)
+            return
         lo, hi = self._dims
         ndim = input.dim()
         if ndim < lo or ndim > hi:
@@ -123,50 +150,76 @@ class FrozenBatchNorm(nn.Module):
                              f"num_features={self.num_features}")
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module) -> "FrozenBatchNorm":
+    def from_batchnorm(cls, bn: nn.Module, eps: Optional[float] = None,
+                       trainable_affine: Union[bool, str] = False) -> "FrozenBatchNorm":
         """A frozen copy of any BatchNorm-like module (statistics copied, not aliased).
 
         Accepts ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, their subclasses and any
-        module with ``running_mean``/``running_var`` (and optionally ``weight``/``bias``/
-        ``eps``), such as torchvision's or detectron2's ``FrozenBatchNorm2d``. Device and
-        dtype are kept; ``affine=False`` gives weight 1 and bias 0; a module without ``eps``
-        (apex's contrib FrozenBatchNorm2d) gives eps 0, as it computes.
+        module with ``running_mean``/``running_var`` (and optionally ``weight``/``bias``),
+        such as torchvision's or detectron2's ``FrozenBatchNorm2d``. Device and dtype are
+        kept; ``affine=False`` gives weight 1 and bias 0. ``eps`` is the module's ``eps``
+        attribute unless given; a module without one (HF's ``DetrFrozenBatchNorm2d``
+        hard-codes 1e-5 in its forward, maskrcnn-benchmark's uses none) needs it given.
+
+        ``trainable_affine``: ``False``, weight and bias become frozen buffers (copies);
+        ``True``, trainable Parameters — the source's own Parameter objects where it has
+        them (an optimizer that holds them keeps working), made to require grad; ``"source"``,
+        the source's own Parameters as they are (their ``requires_grad`` kept: mmdet's
+        ``requires_grad`` and ``frozen_stages``), and frozen buffers where it has none.
         """
+        if trainable_affine not in (False, True, "source"):
+            raise ValueError(f"trainable_affine must be False, True or 'source', got "
+                             f"{trainable_affine!r}")
         mean = getattr(bn, "running_mean", None)
         var = getattr(bn, "running_var", None)
         if mean is None or var is None:
             raise ValueError(
                 f"{type(bn).__name__} has no running statistics (track_running_stats=False "
                 f"normalises with batch statistics): there is nothing to freeze")
-        frozen = cls(mean.numel(), eps=float(getattr(bn, "eps", 0.0)),
-                     device=mean.device, dtype=mean.dtype)
-        weight = getattr(bn, "weight", None)
-        bias = getattr(bn, "bias", None)
+        if eps is None:
+            eps = getattr(bn, "eps", None)
+            if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+                raise ValueError(
+                    f"{type(bn).__name__} has no eps attribute, so its eps (the one its forward "
+                    f"uses: 1e-5 hard-coded in DETR-style layers, none in others) is unknown: "
+                    f"give it, {cls.__name__}.from_batchnorm(bn, eps=...)")
+        frozen = cls(mean.numel(), eps=float(eps), device=mean.device, dtype=mean.dtype)
         with torch.no_grad():
             frozen.running_mean = mean.detach().clone()
             frozen.running_var = var.detach().clone()
-            frozen.weight = (weight.detach().clone() if weight is not None
-                             else torch.ones_like(frozen.running_mean))
-            frozen.bias = (bias.detach().clone() if bias is not None
-                           else torch.zeros_like(frozen.running_mean))
+            for name, fill in (("weight", 1.0), ("bias", 0.0)):
+                source = getattr(bn, name, None)
+                if trainable_affine and isinstance(source, nn.Parameter):
+                    if trainable_affine is True:
+                        source.requires_grad_(True)
+                    delattr(frozen, name)
+                    frozen.register_parameter(name, source)
+                    continue
+                value = (source.detach().clone() if isinstance(source, Tensor)
+                         else torch.full_like(frozen.running_mean, fill))
+                if trainable_affine is True:
+                    delattr(frozen, name)
+                    frozen.register_parameter(name, nn.Parameter(value))
+                else:
+                    setattr(frozen, name, value)
         return frozen
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        trainable = ", trainable_affine=True" if self.trainable_affine else ""
+        return f"{self.num_features}, eps={self.eps}{trainable}"
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # Cast like nn.Module, except that statistics never drop below float32.
+        # Cast like nn.Module, except that the statistics (and trainable weight and bias)
+        # never drop below float32.
         if recurse:
             for module in self.children():
                 module._apply(fn)
-        for name, buf in self._buffers.items():
-            if buf is None:
-                continue
-            new = fn(buf)
-            if _drops_below_fp32(buf, new):
-                new = buf.to(device=new.device, dtype=torch.float32)
-            self._buffers[name] = new
-        return self
+
+        def keep_precision(t: Tensor) -> Tensor:
+            new = fn(t)
+            return t.to(device=new.device, dtype=torch.float32) if _drops_below_fp32(t, new) else new
+        # (nn.Module's, named: fold.py's FoldedFrozenBatchNorm borrows this method)
+        return nn.Module._apply(self, keep_precision, recurse=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -206,6 +259,12 @@ class FrozenBatchNorm3d(FrozenBatchNorm):
     """Frozen ``nn.BatchNorm3d``: inputs ``(N, C, D, H, W)``, any memory format."""
 
     _input_dims = (5, 5)
+
+
+def _check_traced(module: nn.Module, proxy: object) -> None:
+    """What a frozen module checks when torch.fx traces through it (quantization.py)."""
+    from .quantization import check_not_quantization_tracing
+    check_not_quantization_tracing(module, proxy)
 
 
 def looks_frozen(module: nn.Module) -> bool:

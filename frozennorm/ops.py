@@ -24,8 +24,9 @@ from torch import Tensor
 
 from . import _loader
 from ._op import fallback
-from ._op.capture import capturing_graph
-from ._op.rules import ACTIVATIONS, activation_code, check_forward, compute_dtype
+from ._op.capture import use_composite
+from ._op.rules import (ACTIVATIONS, activation_code, broadcasts_to, check_forward,
+                        compute_dtype, residual_fits)
 from ._op.fallback import apply_activation, affine, channel_scale
 
 __all__ = ["frozen_batch_norm", "frozen_batch_norm_act", "ACTIVATIONS", "COMPILED",
@@ -43,6 +44,10 @@ SCHEMAS = {
     "frozen_bn_act_backward": "frozen_bn_act_backward(Tensor grad_output, Tensor saved, "
                               "Tensor scale, int activation, bool residual_grad) "
                               "-> (Tensor, Tensor)",
+    "frozen_bn_affine_backward": "frozen_bn_affine_backward(Tensor grad_output, Tensor input, "
+                                 "Tensor? saved, Tensor running_mean, Tensor scale, "
+                                 "int activation, bool input_grad, bool residual_grad) "
+                                 "-> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 #: True when the compiled C++/CUDA kernels are registered.
@@ -76,12 +81,14 @@ def frozen_batch_norm(input: Tensor, running_mean: Tensor, running_var: Tensor,
     they require grad).
 
     Eager mode, ``torch.jit.trace`` and ``torch.jit.script`` call the fused op. While a graph
-    is captured for ``torch.compile``/``torch.export`` or an ONNX exporter, the same
-    arithmetic is written as plain elementwise ops instead, so that Inductor fuses it with
-    its neighbours and exported graphs hold only standard operators.
+    is captured for ``torch.compile``/``torch.export`` or an ONNX exporter, under
+    ``torch.func`` transforms and forward-mode AD, the same arithmetic is written as plain
+    elementwise ops instead (``_op/capture.py``): Inductor fuses them with their
+    neighbours, exported graphs hold only standard operators, and every transform has its
+    rules.
     """
     if not torch.jit.is_scripting():
-        if capturing_graph():
+        if use_composite():
             acc = check_forward(input, weight, bias, running_mean, running_var)
             return affine(input, running_mean, channel_scale(weight, running_var, eps, acc),
                           bias, acc)
@@ -92,22 +99,36 @@ def frozen_batch_norm(input: Tensor, running_mean: Tensor, running_var: Tensor,
 def frozen_batch_norm_act(input: Tensor, running_mean: Tensor, running_var: Tensor,
                           weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                           eps: float = 1e-5, activation: str = "relu",
-                          residual: Optional[Tensor] = None) -> Tensor:
+                          residual: Optional[Tensor] = None, inplace_add: bool = False) -> Tensor:
     """``act(frozen_batch_norm(input, ...) [+ residual])`` as one fused op.
 
-    ``activation`` is "relu", "relu6", "silu" or "identity"; ``residual`` (same shape and
-    dtype as ``input``) is added before it — the ``bn3 -> + identity -> relu`` tail of a
-    ResNet bottleneck. The result equals that unfused sequence exactly (each intermediate
-    rounded to ``input.dtype`` where the sequence would store it), in one pass over memory
-    forward and one backward; the backward saves what the sequence would (the output for
-    ReLU/ReLU6, the pre-activation for SiLU, nothing for identity). Differentiable with
-    respect to ``input`` and ``residual``.
+    ``activation`` is "relu", "relu6", "silu" or "identity"; ``residual`` is added before
+    it — the ``bn3 -> + identity -> relu`` tail of a ResNet bottleneck. The result equals
+    that unfused sequence exactly (each intermediate rounded to ``input.dtype`` where the
+    sequence would store it), in one pass over memory forward and one backward; the
+    backward saves what the sequence would (the output for ReLU/ReLU6, the pre-activation
+    for SiLU, nothing for identity). Differentiable with respect to ``input`` and
+    ``residual``.
+
+    A residual of the input's shape and dtype is added in the same pass; one that
+    broadcasts to it is expanded first. Any other residual (one the sum broadcasts to, of
+    another dtype or device, a number) is added as torch adds it — ``y + residual``, or
+    ``y += residual`` with ``inplace_add`` (the sum then keeps ``y``'s dtype) — after the
+    fused BatchNorm, then the activation: never an error where the unfused sequence runs.
     """
     code = activation_code(activation)
+    if residual is not None and not (isinstance(residual, Tensor)
+                                     and residual_fits(input, residual)):
+        if isinstance(residual, Tensor) and broadcasts_to(input, residual):
+            residual = residual.expand_as(input)
+        else:
+            y = frozen_batch_norm(input, running_mean, running_var, weight, bias, eps)
+            y = y.add_(residual) if inplace_add else y + residual
+            return apply_activation(y, code)
     # (the compiled autograd decides by itself what to keep; the fallback's needs this)
     keep = activation == "silu" and torch.is_grad_enabled()
     if not torch.jit.is_scripting():
-        if capturing_graph():
+        if use_composite():
             y = frozen_batch_norm(input, running_mean, running_var, weight, bias, eps)
             if residual is not None:
                 y = y + residual

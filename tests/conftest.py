@@ -29,6 +29,13 @@ def _seeded_rngs(request):
     yield
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """Test ids name dtypes (test_x[float16-cpu], not test_x[dtype0-cpu])."""
+    if isinstance(val, torch.dtype):
+        return str(val).replace("torch.", "")
+    return None
+
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -37,3 +44,17 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def device_params():
     """cpu, and cuda (skipped without a GPU), as pytest params."""
     return [pytest.param("cpu"), pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that runs on a GPU carries the `cuda` mark, however it asks for one (a
+    device parameter "cuda...", the requires_cuda skip), so that `-m cuda` selects them all."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_cuda = params is not None and any(
+            isinstance(v, (str, torch.device)) and str(v).startswith("cuda")
+            for v in params.params.values())
+        needs_gpu = any(m.name == "skipif" and m.kwargs.get("reason") == requires_cuda.kwargs["reason"]
+                        for m in item.iter_markers())
+        if (on_cuda or needs_gpu) and not item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.cuda)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional
 
 import torch
@@ -12,7 +13,8 @@ from frozennorm.ops import compute_dtype
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted", "expanded"]
-REGIMES = ["typical", "mean_gg_std", "tiny_var", "eps0"]
+# "wide": |weight| 2-8, so that many outputs lie beyond +-6 (ReLU6's clamp)
+REGIMES = ["typical", "mean_gg_std", "tiny_var", "eps0", "wide"]
 
 
 def oracle(x, weight, bias, mean, var, eps):
@@ -124,6 +126,8 @@ def make_sample(shape, dtype, layout="contiguous", regime="typical", affine=True
     w = torch.empty(C).uniform_(0.5, 2.0, generator=g) * torch.where(
         torch.rand(C, generator=g) < 0.3, -1.0, 1.0)
     b = torch.randn(C, generator=g)
+    if regime == "wide":
+        w = w * 4
     if regime == "mean_gg_std":
         mean = 100 + torch.randn(C, generator=g) * 10
         std = torch.empty(C).uniform_(0.05, 0.2, generator=g)
@@ -145,25 +149,54 @@ def make_sample(shape, dtype, layout="contiguous", regime="typical", affine=True
                   cast(mean), cast(var), eps)
 
 
+# at::internal::GRAIN_SIZE: at::parallel_for splits the CPU loops' flat range into chunks of
+# at least this many elements, so only larger tensors run a chunk that starts mid-channel.
+PARALLEL_GRAIN = 32768
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+    """What make_sample() builds, as plain values (hypothesis draws it; @example names it)."""
+    shape: tuple
+    dtype: torch.dtype
+    layout: str = "contiguous"
+    regime: str = "typical"
+    affine: bool = True
+    stats_dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def make(self, device="cpu") -> Sample:
+        return make_sample(list(self.shape), self.dtype, self.layout, self.regime, self.affine,
+                           self.stats_dtype, device, self.seed)
+
+
 @st.composite
-def shapes(draw, min_dims=2, max_dims=5, max_c=40):
+def shapes(draw, min_dims=2, max_dims=5, max_c=40, big=False):
+    """(N, C, *spatial): N = 0 (empty) in about one draw in 16; with ``big``, about one
+    draw in 5 has 40k-150k elements (past the parallel grain): N or the last dim stretched."""
     ndim = draw(st.integers(min_dims, max_dims))
-    n = draw(st.integers(0, 3))
+    n = draw(st.sampled_from([1, 2, 3] * 5 + [0]))
     c = draw(st.one_of(st.integers(1, max_c), st.sampled_from([64, 256])))
     spatial = [draw(st.integers(1, 9)) for _ in range(ndim - 2)]
-    return [n, c] + spatial
+    shape = [n, c] + spatial
+    if big and n > 0 and draw(st.sampled_from([False] * 4 + [True])):
+        target = draw(st.integers(40_000, 150_000))
+        stretch = 0 if ndim == 2 else -1  # (N, C): more rows; else a longer last dim
+        shape[stretch] = -(-target * shape[stretch] // math.prod(shape))
+    return shape
 
 
 @st.composite
-def samples(draw, device="cpu", dtypes=DTYPES, layouts=LAYOUTS):
-    shape = draw(shapes())
-    dtype = draw(st.sampled_from(dtypes))
-    layout = draw(st.sampled_from(layouts))
-    regime = draw(st.sampled_from(REGIMES))
-    affine = draw(st.booleans())
-    stats_dtype = draw(st.sampled_from([torch.float32] * 3 + [torch.float64, torch.float16]))
-    seed = draw(st.integers(0, 2**31 - 1))
-    return make_sample(shape, dtype, layout, regime, affine, stats_dtype, device, seed)
+def sample_specs(draw, dtypes=DTYPES, layouts=LAYOUTS, big=False):
+    return SampleSpec(tuple(draw(shapes(big=big))), draw(st.sampled_from(dtypes)),
+                      draw(st.sampled_from(layouts)), draw(st.sampled_from(REGIMES)),
+                      draw(st.booleans()),
+                      draw(st.sampled_from([torch.float32] * 3 + [torch.float64, torch.float16])),
+                      draw(st.integers(0, 2**31 - 1)))
+
+
+def samples(device="cpu", dtypes=DTYPES, layouts=LAYOUTS):
+    return sample_specs(dtypes, layouts).map(lambda spec: spec.make(device))
 
 
 def fixed_samples(device="cpu", requires_grad=False) -> List[Sample]:

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from conftest import device_params
 from oracle import DTYPES, make_layout, make_sample
+from test_op import check_backward, check_forward
 
 import frozennorm
 from frozennorm import frozen_batch_norm, frozen_batch_norm_act
@@ -25,6 +26,14 @@ def unfused(s, activation, residual):
 
 
 def check_case(s, activation, with_residual, check_grad=True):
+    """The fused op against the unfused sequence, forward and (``check_grad``) backward;
+    returns the unfused output. The unfused sequence's own kernels (frozen_bn and
+    frozen_bn_backward on this sample, these threads) are checked against the float64 oracle
+    first: a bug the fused and the unfused paths share (the channel walk) would pass the
+    comparison."""
+    scale = check_forward(s)[1] if s.x.numel() else None
+    if scale is not None and check_grad:
+        check_backward(s, scale)
     residual = None
     if with_residual:
         g = torch.Generator().manual_seed(1)
@@ -44,7 +53,7 @@ def check_case(s, activation, with_residual, check_grad=True):
     else:
         assert torch.equal(y, ref), (y - ref).abs().max()
     if not check_grad or y.numel() == 0:
-        return
+        return ref
     g = torch.randn(y.shape, dtype=torch.float64).to(y.dtype).to(y.device)
     y.backward(g)
     ref.backward(g)
@@ -54,6 +63,13 @@ def check_case(s, activation, with_residual, check_grad=True):
         torch.testing.assert_close(r.grad, r2.grad, rtol=tol, atol=tol)
     if activation != "silu":
         assert torch.equal(x.grad, x2.grad)
+    return ref
+
+
+def reaches_relu6_bounds(ref):
+    """Some outputs clamped at 6, some at 0 and some in between: the samples' "wide" regime
+    puts ReLU6's both kinks in reach."""
+    return bool((ref == 6).any() and (ref == 0).any() and ((ref > 0) & (ref < 6)).any())
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -62,21 +78,24 @@ def check_case(s, activation, with_residual, check_grad=True):
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_matches_unfused_sequence(device, dtype, activation, with_residual, layout):
-    s = make_sample([2, 8, 5, 7], dtype, layout, seed=4, device=device)
-    check_case(s, activation, with_residual)
+    s = make_sample([2, 8, 5, 7], dtype, layout, "wide", seed=4, device=device)
+    ref = check_case(s, activation, with_residual)
+    assert activation != "relu6" or reaches_relu6_bounds(ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_parallel_chunks_cpu(dtype, activation, layout):
-    """Three threads split the flat range mid-plane: the fused op still equals the unfused
-    sequence, forward and backward (with a residual)."""
+    """Three threads split the flat range mid-plane and mid-channel (no chunk starts at
+    channel 0): the fused op still equals the unfused sequence, forward and backward (with a
+    residual)."""
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        s = make_sample([3, 7, 61, 67], dtype, layout, seed=7)
-        check_case(s, activation, with_residual=True)
+        s = make_sample([5, 7, 61, 67], dtype, layout, "wide", seed=7)
+        ref = check_case(s, activation, with_residual=True)
+        assert activation != "relu6" or reaches_relu6_bounds(ref)
     finally:
         torch.set_num_threads(before)
 
@@ -90,8 +109,10 @@ def test_plane_lengths_around_the_vector_width_cpu(dtype, activation, plane):
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        s = make_sample([-(-100_000 // (37 * plane)), 37, plane], dtype, "contiguous", seed=plane)
-        check_case(s, activation, with_residual=True)
+        s = make_sample([-(-100_000 // (37 * plane)), 37, plane], dtype, "contiguous", "wide",
+                        seed=plane)
+        ref = check_case(s, activation, with_residual=True)
+        assert activation != "relu6" or reaches_relu6_bounds(ref)
     finally:
         torch.set_num_threads(before)
 
@@ -142,7 +163,7 @@ def test_matches_unfused_sequence_property(device, data):
         data.draw(st.integers(1, 9)) for _ in range(data.draw(st.integers(0, 3)))]
     s = make_sample(shape, data.draw(st.sampled_from(DTYPES)),
                     data.draw(st.sampled_from(["contiguous", "channels_last", "permuted"])),
-                    data.draw(st.sampled_from(["typical", "mean_gg_std", "tiny_var"])),
+                    data.draw(st.sampled_from(["typical", "mean_gg_std", "tiny_var", "wide"])),
                     affine=data.draw(st.booleans()), device=device, seed=data.draw(st.integers(0, 999)))
     check_case(s, data.draw(st.sampled_from(sorted(ACTIVATIONS))), data.draw(st.booleans()))
 
@@ -213,16 +234,40 @@ class TestActErrors:
             frozen_bn_act(s.x, None, None, None, s.mean, s.var, 1e-5, 7, False)
 
     def test_residual_mismatch(self):
+        """The op takes a residual of the input's shape and dtype only; the functional form
+        adds any other as torch does (below), and fails where torch's add fails."""
         s = make_sample([2, 3, 4], torch.float32)
+        op = torch.ops.frozennorm.frozen_bn_act
         with pytest.raises(RuntimeError, match="residual must have the input's shape"):
-            frozen_batch_norm_act(s.x, s.mean, s.var, residual=torch.randn(2, 3, 5))
+            op(s.x, torch.randn(2, 3, 5), None, None, s.mean, s.var, 1e-5, 1, False)
         with pytest.raises(RuntimeError, match="residual must have the input's dtype"):
-            frozen_batch_norm_act(s.x, s.mean, s.var, residual=torch.randn(2, 3, 4).double())
+            op(s.x, torch.randn(2, 3, 4).double(), None, None, s.mean, s.var, 1e-5, 1, False)
+        with pytest.raises(RuntimeError, match="must match the size"):
+            frozen_batch_norm_act(s.x, s.mean, s.var, residual=torch.randn(2, 3, 5))
 
-    def test_statistics_gradients_are_refused(self):
-        s = make_sample([2, 3, 4], torch.float32)
-        with pytest.raises(RuntimeError, match="differentiates the input and the residual only"):
-            frozen_batch_norm_act(s.x, s.mean, s.var.requires_grad_(), activation="relu")
+    @pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu"])
+    @pytest.mark.parametrize("with_residual", [False, True])
+    def test_statistics_gradients(self, activation, with_residual):
+        """Weight, bias and the statistics (trainable affine parameters, functional use) get
+        their gradients through the fused op, with the input's and the residual's."""
+        g = torch.Generator().manual_seed(3)
+        x = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g) * 3).requires_grad_()
+        stats = [torch.randn(3, dtype=torch.float64, generator=g).requires_grad_(),
+                 (torch.rand(3, dtype=torch.float64, generator=g) + 0.5).requires_grad_(),
+                 torch.randn(3, dtype=torch.float64, generator=g).requires_grad_(),
+                 torch.randn(3, dtype=torch.float64, generator=g).requires_grad_()]
+        extra = ([torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g).requires_grad_()]
+                 if with_residual else [])
+
+        def f(x, mean, var, w, b, *r):
+            return frozen_batch_norm_act(x, mean, var, w, b, 1e-3, activation, r[0] if r else None)
+        assert torch.autograd.gradcheck(f, [x] + stats + extra)
+        # any subset (absent optional arguments shift the op's autograd edges)
+        for absent in ([2], [3], [2, 3]):
+            args = [x] + [None if i in absent else t for i, t in enumerate(stats)]
+            y = frozen_batch_norm_act(*args, 1e-3, activation)
+            grads = torch.autograd.grad(y.sum(), [t for t in args if t is not None])
+            assert all(gr is not None for gr in grads)
 
     def test_double_backward_is_a_clear_error(self):
         s = make_sample([2, 3, 4], torch.float64)

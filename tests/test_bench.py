@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,16 @@ SMOKE = ["--shape", "tiny", "--dtype", "fp32", "--layout", "nchw", "--repeat", "
          # size, its weights' gradients dominate: training end to end is a slow test)
          "--e2e-mode", "inference",
          "--cpu-malloc", "system"]  # leave this process's heap as it is
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def checkout_env():
+    """The environment of a script run from benchmarks/: this checkout's frozennorm first
+    (python puts the script's own folder first on sys.path, not the checkout)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def _forbidden(*args, **kwargs):
@@ -182,7 +193,7 @@ def test_partly_busy_run_marks_only_the_busy_cases(tmp_path, monkeypatch):
 
 def test_from_json_renders_every_committed_result(tmp_path):
     """--from-json renders any results.json the tool wrote, older formats included."""
-    committed = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+    committed = sorted((ROOT / "benchmarks" / "results")
                        .glob("**/results.json"))
     if not committed:
         pytest.skip("no committed results (not a checkout)")
@@ -319,14 +330,14 @@ def test_cpu_kernels_script(tmp_path):
     """benchmarks/cpu_kernels.py (fused epilogues, strided views and training steps against
     x.clone()): one small case of each kind, the files written, every case in the summary or
     marked busy, a training step with its parts."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_kernels.py"
+    script = ROOT / "benchmarks" / "cpu_kernels.py"
     out = tmp_path / "kernels"
     proc = subprocess.run(
         [sys.executable, str(script), "--shape", "tiny", "--dtype", "bfloat16",
          "--layout", "channels_last", "--views", "nchw_channel_slice",
          "--kinds", "bn,bn+silu+residual", "--repeat", "1", "--min-run-time", "0.001",
          "--busy-retries", "0", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=checkout_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "kernels.json").read_text())["cases"]
     assert {(r["kind"], r["layout"], r["pass_"]) for r in rows} == {
@@ -352,3 +363,68 @@ def test_cpu_kernels_script(tmp_path):
     assert kernels.busy_note(busy_rows).startswith(f"{len(rows)} of {len(rows)} cases")
     assert (kernels.busy_note(rows) == "") == (not any(r["busy"] for r in rows))
     assert kernels.step_table(busy_rows).count("(busy)") == 3
+
+
+def test_sources_digest_follows_every_csrc_file(tmp_path):
+    from frozennorm._sources import sources_digest
+
+    assert sources_digest(tmp_path) is None  # no csrc/: an installed package
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "csrc" / "cpu" / "k.h").write_text("int a;")
+    (tmp_path / "csrc" / "notes.txt").write_text("not a source")
+    first = sources_digest(tmp_path)
+    (tmp_path / "csrc" / "notes.txt").write_text("changed, still not a source")
+    assert sources_digest(tmp_path) == first
+    (tmp_path / "csrc" / "cpu" / "k.h").write_text("int b;")
+    assert sources_digest(tmp_path) != first
+
+
+def test_results_say_where_they_come_from(cpu_run, tmp_path, monkeypatch, capsys):
+    """Results record the commit; a dirty checkout or a stale build is refused under
+    benchmarks/results/ (the committed results) and marked anywhere else."""
+    _, doc = cpu_run
+    assert "git" in doc["metadata"] and "provenance_problems" in doc["metadata"]
+    # a stale build: the checkout's csrc/ is not what the extension was built from
+    monkeypatch.setattr(report._loader, "build_info", lambda: {"sources_digest": "0" * 16})
+    state = report.source_state()
+    if report.sources_digest(ROOT) is not None and state["extension_built"]:
+        assert any("other csrc/ sources" in p for p in state["provenance_problems"])
+    meta = dict(doc["metadata"], git="abc1234-dirty",
+                provenance_problems=["the checkout has uncommitted changes"])
+    committed = ROOT / "benchmarks" / "results" / "cpu"
+    with pytest.raises(SystemExit, match="refusing to write results into .*uncommitted"):
+        report.check_provenance(meta, committed / "quick", allow=False)
+    report.check_provenance(meta, committed / "quick", allow=True)
+    report.check_provenance(meta, tmp_path, allow=False)
+    assert capsys.readouterr().err.count("NOT FROM A CLEAN BUILD OF A COMMIT** (abc1234-dirty)") == 2
+    report.check_provenance(dict(meta, provenance_problems=[]), committed, allow=False)
+    # the markdown says so first
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(dict(doc, metadata=meta)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert frozennorm.bench.main(["--from-json", str(path), "--no-plots"]) == 0
+    md = (tmp_path / "results.md").read_text().splitlines()
+    assert md[2].startswith("**NOT FROM A CLEAN BUILD OF A COMMIT** (abc1234-dirty)")
+    assert "commit abc1234-dirty" in md[4]
+
+
+def test_peer_numerics_script(tmp_path):
+    """benchmarks/peer_numerics.py: the error of each way of freezing BN in the tests' metric
+    and the ops of each forward; frozennorm within the op tests' bound where |mean| >> std,
+    torchvision's x * scale + shift far outside it, 7 elementwise ops against one."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peer_numerics.py"),
+                           "--seeds", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=checkout_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "peers.json").read_text())
+    err = {(r["regime"], r["input"], r["contender"]): r for r in doc["errors"]}
+    assert err[("mean_gg_std", "float32", "frozennorm")]["max_ulps"] <= 4  # test_op's bound
+    if ("mean_gg_std", "float32", "torchvision FrozenBatchNorm2d") in err:
+        assert err[("mean_gg_std", "float32", "torchvision FrozenBatchNorm2d")]["min_ulps"] > 100
+        assert err[("typical", "float16", "torchvision FrozenBatchNorm2d")]["output"] == "float32"
+    ops = {(r["input"], r["requires_grad"], r["contender"]): r for r in doc["ops"]}
+    assert ops[("float32", True, "frozennorm")]["sequence"] == ["frozen_bn"]
+    if ("float32", True, "torchvision FrozenBatchNorm2d") in ops:
+        tv = ops[("float32", True, "torchvision FrozenBatchNorm2d")]
+        assert tv["elementwise"] == 7 and tv["full_size"] == 2
+    assert "## Ops per forward" in (tmp_path / "peers.md").read_text()

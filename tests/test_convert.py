@@ -228,7 +228,7 @@ def test_classes_argument_vouches_for_a_subclass():
     model = nn.Sequential(randomize_norm_stats_(SplitLikeBN(4)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        convert_frozen_bn(model, classes={SplitLikeBN: FrozenBatchNorm2d})
+        convert_frozen_bn(model, classes={SplitLikeBN: FrozenBatchNorm2d}, trainable_affine=False)
     assert type(model[0]) is FrozenBatchNorm2d
     with pytest.raises(TypeError, match="frozennorm FrozenBatchNorm class"):
         convert_frozen_bn(model, classes={SplitLikeBN: nn.BatchNorm2d})
@@ -365,7 +365,8 @@ def test_a_pattern_that_matches_nothing_warns_or_raises():
 def test_out_of_scope_is_reported_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, rep = convert_frozen_bn(Detector(), include="head", report=True)
+        _, rep = convert_frozen_bn(randomize_norm_stats_(Detector()), include="head",
+                                   trainable_affine=False, report=True)
     assert len(rep.skipped) == 5
     text = str(rep)
     assert "converted 1 layer(s)" in text and "backbone.fpn.1 (torch.nn.BatchNorm2d): out of scope" in text
@@ -436,15 +437,24 @@ def test_lookalike_frozen_batchnorm_of_unknown_origin_is_left_alone():
     # DETR-style copies hard-code eps in forward: converting would change the output.
     Lookalike = _fake_class("my_detr.backbone", "FrozenBatchNorm2d", nn.Module,
                             _buffers_frozen_bn(eps_attr=False, hard_eps=1e-5))
-    m = Lookalike(3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out, rep = convert_frozen_bn(nn.Sequential(m), report=True)
+    m = randomize_norm_stats_(Lookalike(3))
+    with pytest.warns(FrozenNormWarning, match=r"left 1 frozen layer\(s\) of implementations it "
+                      r"does not know.*classes=\{my_detr\.backbone\.FrozenBatchNorm2d: "
+                      r"\(frozennorm\.FrozenBatchNorm2d, eps\)\}"):
+        out, rep = convert_frozen_bn(nn.Sequential(m), strict=True, report=True)  # not live
     assert out[0] is m
     assert rep.skipped[0].reason is SkipReason.UNKNOWN_FROZEN and rep.problems == []
-    out, rep = convert_frozen_bn(nn.Sequential(m), classes={Lookalike: FrozenBatchNorm2d},
+    # vouched for without its eps: an error naming the fix (never a silent eps of 0)
+    with pytest.raises(ValueError, match=r"no eps attribute.*classes=\{FrozenBatchNorm2d: "
+                       r"\(FrozenBatchNorm2d, eps\)\}"):
+        convert_frozen_bn(nn.Sequential(m), classes={Lookalike: FrozenBatchNorm2d})
+    out, rep = convert_frozen_bn(nn.Sequential(m), classes={Lookalike: (FrozenBatchNorm2d, 1e-5)},
                                  report=True)
-    assert isinstance(out[0], FrozenBatchNorm2d) and out[0].eps == 0.0  # you vouched
+    assert isinstance(out[0], FrozenBatchNorm2d) and out[0].eps == 1e-5
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(out[0](x), m(x))
+    with pytest.raises(TypeError, match=r"a \(class, eps\) pair"):
+        convert_frozen_bn(nn.Sequential(m), classes={Lookalike: (FrozenBatchNorm2d, "1e-5")})
 
 
 class TestTimm:
@@ -531,6 +541,24 @@ def test_revert_restores_classes_and_bit_identical_statistics():
     back.train()
     back(X)
     assert back.stem[1].num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_revert_keeps_the_statistics_dtype(dtype):
+    """A model cast before conversion (statistics in float64, or in 16 bits as apex's
+    network_to_half leaves them) comes back with the statistics, weights and biases in that
+    dtype, bit for bit, and the original's output."""
+    original = zoo().to(dtype)
+    back = revert_frozen_bn(convert_frozen_bn(copy.deepcopy(original)))
+    for (name, m), (_, o) in zip(norm_layers(back), norm_layers(original)):
+        for attr in ("running_mean", "running_var", "weight", "bias"):
+            got, want = getattr(m, attr), getattr(o, attr)
+            if want is None:  # affine=False: weight 1, bias 0, in the dtype too
+                assert got.dtype == dtype, (name, attr)
+                continue
+            assert got.dtype == dtype and torch.equal(got, want), (name, attr)
+    x = X.to(dtype)
+    assert torch.equal(back.eval()(x), original.eval()(x))
 
 
 def test_revert_mode_follows_the_parent():

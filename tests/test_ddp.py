@@ -1,7 +1,8 @@
 """DistributedDataParallel (gloo, 2 CPU processes) with frozen BatchNorm.
 
-With ``broadcast_buffers=True`` DDP syncs rank 0's buffers into every rank's at the start of
-each forward. On older torch that was an in-place copy, and a backward that had saved a
+DDP's default syncs rank 0's buffers into every rank's at the start of each forward
+(``forward_sync_buffers=True`` since torch 2.13, ``broadcast_buffers=True`` before). On older
+torch that was an in-place copy, and a backward that had saved a
 BatchNorm's running statistics (as an eval-mode BatchNorm's does) failed when two forwards
 ran before one backward ("modified by an inplace operation", pytorch #22095).
 frozennorm's backward saves only a per-channel scale it computes itself, never the buffers,
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import socket
-import warnings
 from pathlib import Path
 
 import pytest
@@ -41,10 +41,10 @@ def small_net() -> nn.Module:
 
 
 def ddp(module: nn.Module) -> DDP:
-    with warnings.catch_warnings():
-        # torch 2.14 renames broadcast_buffers to forward_sync_buffers (same behaviour)
-        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
-        return DDP(module, broadcast_buffers=True)
+    """DDP as built by default: buffers synced at each forward."""
+    model = DDP(module)
+    assert model.broadcast_buffers  # a property over forward_sync_buffers since torch 2.13
+    return model
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _two_forwards_one_backward(model: nn.Module, rank: int) -> None:
     loss.backward()
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, trainable_affine: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
@@ -72,16 +72,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # different statistics on each rank: DDP makes them rank 0's at construction
         torch.manual_seed(0)
         net = randomize_norm_stats_(small_net(), seed=rank)
-        convert_frozen_bn(net, strict=True)
+        convert_frozen_bn(net, trainable_affine=trainable_affine, strict=True)
         model = ddp(net)
         stats0 = _flat(model.buffers())
         with pytest.raises(TypeError, match="DistributedDataParallel"):
             convert_frozen_bn(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         model.train()
+        affine = [p for m in net.modules() if isinstance(m, FrozenBatchNorm)
+                  for p in m.parameters(recurse=False)]
+        affine0 = _flat(affine) if affine else torch.zeros(0)
+        grads_equal = True
         for _ in range(2):
             opt.zero_grad()
-            _two_forwards_one_backward(model, rank)
+            _two_forwards_one_backward(model, rank)  # (different data on each rank)
+            if affine:  # all-reduced: the same averaged gradients on every rank
+                grads_equal &= _all_equal(_flat(p.grad for p in affine))
             opt.step()
         assert_frozen(model)
         stats = _flat(model.buffers())
@@ -91,6 +97,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "stats_unchanged": torch.equal(stats, stats0),
             "params_equal_across_ranks": _all_equal(params),
             "frozen_layers": sum(isinstance(m, FrozenBatchNorm) for m in net.modules()),
+            "affine_parameters": len(affine),
+            "affine_grads_equal_across_ranks": grads_equal,
+            "affine_trained": bool(affine) and not torch.equal(_flat(affine), affine0),
         }
 
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -108,24 +117,31 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_broadcast_buffers_two_forwards_one_backward(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("trainable_affine", [False, True])
+def test_ddp_buffer_sync_two_forwards_one_backward(tmp_path, trainable_affine):
+    """Fully frozen, and with trainable weight/bias (their gradients all-reduced, the
+    statistics untouched)."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), trainable_affine), nprocs=WORLD,
+             join=True)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["frozen_layers"] == 4
         assert result["stats_equal_across_ranks"] and result["stats_unchanged"]
         assert result["params_equal_across_ranks"]
+        assert result["affine_parameters"] == (8 if trainable_affine else 0)
+        if trainable_affine:
+            assert result["affine_grads_equal_across_ranks"] and result["affine_trained"]
 
 
-@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("frozen", [False, True, "trainable affine"])
 def test_in_place_buffer_writes_between_forwards(frozen):
     """What older DDP's broadcast did, in one process: the buffers are overwritten in place
     between two forwards, then one backward. An eval-mode nn.BatchNorm2d's backward saved
-    them and fails; frozennorm's does not."""
+    them and fails; frozennorm's does not (with trainable weight/bias it keeps copies)."""
     torch.manual_seed(0)
     model = randomize_norm_stats_(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
     if frozen:
-        convert_frozen_bn(model).train()
+        convert_frozen_bn(model, trainable_affine=frozen == "trainable affine").train()
     x = torch.randn(2, 3, 4, 4)
     y1 = model(x)
     with torch.no_grad():
@@ -135,6 +151,77 @@ def test_in_place_buffer_writes_between_forwards(frozen):
     if frozen:
         (y1.sum() + y2.sum()).backward()
         assert model[0].weight.grad is not None
+        assert (model[1].weight.grad is not None) == (frozen == "trainable affine")
     else:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             (y1.sum() + y2.sum()).backward()
+
+
+def _fsdp2_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    # tame trained statistics (not model_helpers' variances down to 1e-6, whose normalised
+    # inputs of ~1e3 make the weight's gradient explode in two SGD steps at lr 0.1)
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.running_mean.normal_(0, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.2)
+            bn.num_batches_tracked.fill_(7)
+    return convert_frozen_bn(net, trainable_affine=True)
+
+
+def _fsdp2_batch(rank: int) -> torch.Tensor:
+    return torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(7 + rank))
+
+
+def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        net = _fsdp2_net()
+        stats0 = _flat(net.buffers())
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for m in net:
+            if isinstance(m, FrozenBatchNorm):
+                fully_shard(m, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            net.train()(_fsdp2_batch(rank)).square().mean().backward()
+            opt.step()
+        full = {n: p.full_tensor().detach() for n, p in net.named_parameters()}
+        torch.save({"params": full, "stats_unchanged": torch.equal(_flat(net.buffers()), stats0)},
+                   Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_and_trains_the_affine_parameters(tmp_path):
+    """FSDP2 (fully_shard, gloo, CPU): the trainable weight/bias are sharded and trained like
+    any parameter (the same result as one process on both ranks' data), the statistics
+    untouched."""
+    pytest.importorskip("torch.distributed.fsdp")
+    mp.spawn(_fsdp2_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    reference, initial = _fsdp2_net(), _fsdp2_net()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    batch = torch.cat([_fsdp2_batch(r) for r in range(WORLD)])
+    for _ in range(2):
+        opt.zero_grad()
+        reference.train()(batch).square().mean().backward()
+        opt.step()
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["stats_unchanged"]
+        for (name, p), p0 in zip(reference.named_parameters(), initial.parameters()):
+            torch.testing.assert_close(result["params"][name], p.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=name)
+            assert (p - p0).abs().max() > 1e-3, f"{name} did not train"

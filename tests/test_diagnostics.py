@@ -172,3 +172,25 @@ def test_scope_of_a_partly_frozen_model():
         assert len(audit(model, include="layer9")) == 0
     with pytest.raises(TypeError, match="include must be a string"):
         audit(model, include=[1])
+
+
+def test_the_documented_example():
+    """docs/diagnostics.md's two printouts (ResNet-18 after set_bn_eval and the next
+    model.train(), then converted but for layer4) are what audit prints, line for line."""
+    from pathlib import Path
+
+    tvm = pytest.importorskip("torchvision.models")
+    doc = Path(__file__).resolve().parents[1] / "docs" / "diagnostics.md"
+    if not doc.exists():
+        pytest.skip("not a checkout")
+    blocks = doc.read_text().split("```")[1::2]
+    model = tvm.resnet18()
+    model.apply(set_bn_eval)
+    model.train()
+    printed = [str(audit(model))]
+    convert_frozen_bn(model, exclude="layer4")
+    printed.append(str(audit(model)))
+    assert len(blocks) == 2
+    for block, text in zip(blocks, printed):
+        shown = [line for line in block.strip().splitlines() if line != "..."]
+        assert shown and set(shown) <= set(text.splitlines()), (block, text)

@@ -1,11 +1,14 @@
 """fold_frozen_bn(): conv -> frozen BatchNorm pairs folded into the convolution.
 
-Against the unfolded (converted) model with random statistics: float32 outputs within 1e-4
-of their magnitude; for training-mode folds, outputs, input gradients and every parameter
-gradient of float64 copies within 1e-9. (Float32 gradients of deep ReLU nets are not
-compared element by element: folding moves a pre-activation by an ulp or so, and one that
-lies within that of 0 switches its ReLU, or a max-pool's argmax, which changes the
-gradient there outright, by chance, in about one model in two at these sizes.) Training
+Against the unfolded (converted) model with random statistics: float32 outputs, element by
+element, within 1e-5 of that model computed in float64 (model_helpers.assert_matches_float64);
+for training-mode folds, outputs, input gradients and every parameter gradient of float64
+copies within 1e-9. An inference fold's constants (the conv's weight and bias, or the shift
+of shift="bn") are the float64 fold of the unfolded model's, rounded once to their dtype.
+(Float32 gradients of deep ReLU nets are not compared element by element: folding moves a
+pre-activation by an ulp or so, and one that lies within that of 0 switches its ReLU, or a
+max-pool's argmax, which changes the gradient there outright, by chance, in about one model
+in two at these sizes.) Training
 mode must also keep the state dict (keys and values), load checkpoints both ways, and
 read the statistics at call time.
 """
@@ -26,7 +29,8 @@ from frozennorm import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, F
 from frozennorm.fold import (FoldedConv1d, FoldedConv2d, FoldedConv3d, FoldedFrozenBatchNorm,
                              FoldedFrozenBatchNormAct2d, IdentityBatchNorm)
 
-from model_helpers import assert_close_rel
+from model_helpers import assert_close_rel, assert_matches_float64, float64_reference
+from oracle import assert_close_to_exact
 from test_fuse import DET, IMAGE, SMALL, Routed, duck_fuse, frozen, run, tensors
 
 tvm = pytest.importorskip("torchvision.models")
@@ -37,12 +41,13 @@ def seeded():
     torch.manual_seed(0)  # the models' initial weights
 
 
-def check_close(model, folded, *inputs, rtol=1e-4, grads=True):
-    """Outputs within ``rtol``; with ``grads``, outputs and gradients (inputs, parameters by
-    name) of float64 copies within 1e-9."""
+def check_close(model, folded, *inputs, rtol=1e-5, grads=True):
+    """Outputs within ``rtol`` of the unfolded model's in float64, element by element; with
+    ``grads``, outputs and gradients (inputs, parameters by name) of float64 copies within
+    1e-9."""
     with torch.no_grad():
-        for i, (a, e) in enumerate(zip(tensors(folded(*inputs)), tensors(model(*inputs)))):
-            assert_close_rel(a, e, rtol, f"output {i}")
+        out = tensors(folded(*inputs))
+    assert_matches_float64(out, tensors(float64_reference(model, *inputs)), rtol)
     if not grads:
         return
     inputs = tuple(x.double() for x in inputs)
@@ -51,8 +56,33 @@ def check_close(model, folded, *inputs, rtol=1e-4, grads=True):
     assert list(got[2]) == list(expected[2])
     for what, e, a in (("output", expected[0], got[0]), ("input grad", expected[1], got[1]),
                        ("param grad", list(expected[2].values()), list(got[2].values()))):
-        for i, (ai, ei) in enumerate(zip(a, e)):
-            assert_close_rel(ai, ei, 1e-9, f"{what} {i}")
+        assert_matches_float64(a, e, 1e-9, what)
+
+
+def check_folded_constants(source, deploy, rep, shift="bn"):
+    """Each pair an inference fold folded: the conv's weight ``W * s`` and its bias (or, with
+    ``shift="bn"``, the bias of the BatchNorm left) ``(b - mean) * s + bias``, with ``s =
+    weight / sqrt(var + eps)`` of ``source``'s statistics, computed in float64 and rounded
+    once: within half an ulp of their dtype (plus the float64 arithmetic's few ulps)."""
+    assert rep.mode == "inference" and rep.folded
+    d = lambda t: t.detach().double()
+    for pair in rep.folded:
+        conv, bn = source.get_submodule(pair.conv), source.get_submodule(pair.bn)
+        if isinstance(bn, FoldedFrozenBatchNorm):
+            stats, eps = bn.statistics(), bn.bn_eps
+        else:
+            stats, eps = {n: getattr(bn, n) for n in ("weight", "bias", "running_mean",
+                                                       "running_var")}, bn.eps
+        s = d(stats["weight"]) / torch.sqrt(d(stats["running_var"]) + eps)
+        weight = d(conv.weight) * s.view([-1] + [1] * (conv.weight.dim() - 1))
+        centred = ((d(conv.bias) if conv.bias is not None else 0.0) - d(stats["running_mean"])) * s
+        folded_conv = deploy.get_submodule(pair.conv)
+        assert_close_to_exact(folded_conv.weight, weight, weight.abs(), 2.0**-53,
+                              f"{pair.conv}.weight", factor=2.0)
+        held = folded_conv.bias if shift == "conv_bias" else deploy.get_submodule(pair.bn).bias
+        bias = d(stats["bias"])
+        assert_close_to_exact(held, centred + bias, centred.abs() + bias.abs(), 2.0**-53,
+                              f"the shift of {pair.bn}", factor=4.0)
 
 
 def check_state_dict(model, folded):
@@ -88,14 +118,14 @@ def test_resnet18_training_fold_keeps_checkpoints():
 @pytest.mark.slow
 def test_resnet50_inference_and_training_with_fuse():
     model = frozen(tvm.resnet50())
-    deploy, rep = fold_frozen_bn(model.eval(), report=True)
+    deploy, rep = fold_frozen_bn(model.eval(), shift="conv_bias", report=True)
     assert len(rep.folded) == 53 and rep.unfolded == []
     assert not any(isinstance(m, FrozenBatchNorm) for m in deploy.modules())
     assert type(deploy.bn1) is IdentityBatchNorm and deploy.conv1.bias is not None
     # the BatchNorm entries are gone from the state dict, the convs have a bias
     assert not any("bn" in k or "downsample.1" in k for k in deploy.state_dict())
-    with torch.no_grad():
-        assert_close_rel(deploy(IMAGE), model(IMAGE), 1e-4)
+    check_folded_constants(model, deploy, rep, shift="conv_bias")
+    check_close(model, deploy, IMAGE, grads=False)
 
     model.train()
     trained, rep = fuse(fold_frozen_bn(model, "training"), report=True)
@@ -107,14 +137,16 @@ def test_resnet50_inference_and_training_with_fuse():
 
 
 def test_inference_shift_on_bn_fuses():
+    """The default inference fold: the conv stays bias-free, the shift stays at the
+    BatchNorm's place, where fuse() merges it with the add and the ReLU after it."""
     model = frozen(tvm.resnet18()).eval()
-    deploy = fold_frozen_bn(model, shift="bn")
+    deploy, rep = fold_frozen_bn(model, report=True)
     assert deploy.conv1.bias is None and type(deploy.bn1) is FrozenBatchNorm2d
     assert deploy.bn1.eps == 0.0 and torch.equal(deploy.bn1.running_var, torch.ones(64))
+    check_folded_constants(model, deploy, rep)
     deploy, rep = fuse(deploy, report=True)
     assert rep.count() == 17
-    with torch.no_grad():
-        assert_close_rel(deploy(IMAGE), model(IMAGE), 1e-4)
+    check_close(model, deploy, IMAGE, grads=False)
 
 
 def test_detection_model():
@@ -141,8 +173,9 @@ def test_timm_models():
         check_state_dict(model, folded)
         check_close(model, fuse(folded), x)
         if name == "efficientnet_b0":  # BN+SiLU layers: the act stays, the BN goes
-            with torch.no_grad():
-                assert_close_rel(fold_frozen_bn(model.eval())(x), model(x), 1e-4)
+            deploy, rep = fold_frozen_bn(model.eval(), report=True)
+            check_folded_constants(model, deploy, rep)
+            check_close(model, deploy, x, grads=False)
     # efficientnet: BN+SiLU layers fold with their activation; mobilenetv3's Hardswish
     # ones keep their act module
     assert any(type(m) is FoldedFrozenBatchNormAct2d and type(m.act) is nn.Hardswish
@@ -200,6 +233,8 @@ def test_conv_variants(mode, dtype):
         assert [type(folded.get_submodule(n)) for n in names] == [
             FoldedConv1d, FoldedConv2d, FoldedConv3d]
         check_state_dict(model, folded)
+    else:
+        check_folded_constants(model, folded, rep)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     check_close(model, folded, *(x.to(dtype) for x in CONV_INPUTS), rtol=rtol,
                 grads=mode == "training")
@@ -216,12 +251,12 @@ def test_fold_after_fuse():
     assert "forward" in folded.layer1[0].__dict__  # still the fused forward
     check_state_dict(model, folded)
     check_close(model, folded, SMALL)
-    with torch.no_grad():
-        for shift in ("conv_bias", "bn"):
-            deploy = fold_frozen_bn(fused.eval(), shift=shift)
-            assert type(deploy.layer1[0].bn2) is (IdentityBatchNorm if shift == "conv_bias"
-                                                  else FrozenBatchNorm2d)
-            assert_close_rel(deploy(SMALL), model.eval()(SMALL), 1e-4)
+    for shift in ("conv_bias", "bn"):
+        deploy, rep = fold_frozen_bn(fused.eval(), shift=shift, report=True)
+        assert type(deploy.layer1[0].bn2) is (IdentityBatchNorm if shift == "conv_bias"
+                                              else FrozenBatchNorm2d)
+        check_folded_constants(fused, deploy, rep, shift)
+        check_close(model.eval(), deploy, SMALL, grads=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -301,15 +336,16 @@ def test_inference_fold_survives_a_duck_typed_fuser():
     changes nothing."""
     model = routed_model()
     x = torch.randn(2, 3, 8, 8)
+    expected = float64_reference(model, x)
     with torch.no_grad():
-        expected = model(x)
         for shift in ("conv_bias", "bn"):
-            deploy = fold_frozen_bn(model, shift=shift)
+            deploy, rep = fold_frozen_bn(model, shift=shift, report=True)
             bn = deploy[0].bn
             assert type(bn) is (IdentityBatchNorm if shift == "conv_bias" else FrozenBatchNorm2d)
             assert bn.eps == 0.0 and torch.equal(bn.running_var, torch.ones(8))
+            check_folded_constants(model, deploy, rep, shift)
             out = deploy(x)
-            assert_close_rel(out, expected, 1e-5)
+            assert_matches_float64(out, expected)
             refused = duck_fuse(copy.deepcopy(deploy))
             assert not hasattr(refused[0], "bn")
             torch.testing.assert_close(refused(x), out, rtol=0, atol=0)  # exactly the same
@@ -332,13 +368,14 @@ def test_training_fold_refuses_a_duck_typed_fuser_then_folds_for_inference():
     assert set(bn.statistics()) == {"weight", "bias", "running_mean", "running_var"}
     assert list(trained.state_dict()) == list(model.state_dict())
     # an inference fold completes the training fold; then the fuser is harmless
-    deploy, rep = fold_frozen_bn(trained, report=True)
+    deploy, rep = fold_frozen_bn(trained, shift="conv_bias", report=True)
     assert len(rep.folded) == 2 and type(deploy[0].conv) is nn.Conv2d
     assert type(deploy[0].bn) is IdentityBatchNorm
+    check_folded_constants(trained, deploy, rep, shift="conv_bias")
+    expected = float64_reference(model, x)
     with torch.no_grad():
-        expected = model(x)
-        assert_close_rel(deploy(x), expected, 1e-5)
-        assert_close_rel(duck_fuse(deploy)(x), expected, 1e-5)
+        assert_matches_float64(deploy(x), expected)
+        assert_matches_float64(duck_fuse(deploy)(x), expected)
     # a second training fold changes nothing
     again, rep = fold_frozen_bn(trained, "training", report=True)
     assert rep.folded == [] and {s.reason for s in rep.unfolded} == {"already folded (training mode)"}

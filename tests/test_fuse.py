@@ -9,6 +9,7 @@ and the counts of fused sites are checked against the architecture.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -37,7 +38,7 @@ def seeded():
 def frozen(model: nn.Module, seed: int = 0) -> nn.Module:
     """``model`` with random statistics, converted, in train mode without dropout."""
     randomize_norm_stats_(model, seed=seed)
-    return train_without_dropout(convert_frozen_bn(model, strict=True))
+    return train_without_dropout(convert_frozen_bn(model, trainable_affine=False, strict=True))
 
 
 def tensors(out: Any) -> List[Tensor]:
@@ -142,8 +143,8 @@ def test_mobilenet_v3_fuses_only_supported_activations():
 
 def test_detection_model():
     """The detector's own forward does not trace: what its modules' forwards call is fused."""
-    det = convert_frozen_bn(tvm.detection.fasterrcnn_resnet50_fpn(**DET), strict=True)
-    randomize_norm_stats_(det, seed=0)
+    det = randomize_norm_stats_(tvm.detection.fasterrcnn_resnet50_fpn(**DET), seed=0)
+    det = convert_frozen_bn(det, trainable_affine=False, strict=True)
     fused, rep = fuse(det, report=True)
     assert rep.untraced == [] and fused_forwards(fused)[0] == "backbone.body"
     assert (rep.count(residual=False), rep.count(residual=True)) == (33, 16)
@@ -239,7 +240,10 @@ def test_patterns():
     assert set(reasons) == {"bn8", "shared", "hooked", "bn10", "bn11"}
     assert "2 users" in reasons["bn8"] and reasons["shared"] == "it is the residual of shared"
     assert "hooks" in reasons["hooked"] and "goes to mul" in reasons["bn11"]
-    x, r = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    x, r = torch.randn(2, 4, 5, 5) * 8, torch.randn(2, 4, 5, 5)
+    with torch.no_grad():  # ReLU6's input reaches past both of its kinks
+        pre = r + model.bn5(x)
+    assert (pre > 6).any() and (pre < 0).any() and ((pre > 0) & (pre < 6)).any()
     check_same(model, fused, x, r)
 
 
@@ -447,3 +451,67 @@ def test_fuse_and_fold_example_runs():
     assert "9 x bn -> relu" in out.stdout and "8 x bn + add -> relu" in out.stdout
     diffs = [float(d) for d in re.findall(r"max difference ([0-9.e+-]+)", out.stdout)]
     assert len(diffs) == 3 and diffs[0] == 0.0 and all(d < 1e-5 for d in diffs), out.stdout
+
+
+class _AddThenAct(nn.Module):
+    """bn(x) combined with ``t`` by one of the adds fuse() takes over, then a ReLU."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.bn, self.relu, self.how = nn.BatchNorm2d(4), nn.ReLU(), how
+
+    def forward(self, x: Tensor, t: Any) -> Tensor:
+        y = self.bn(x)
+        if self.how == "+":
+            y = y + t
+        elif self.how == "+r":
+            y = t + y
+        elif self.how == "+=":
+            y += t
+        elif self.how == "add_":
+            y = y.add_(t)
+        else:
+            y = torch.add(y, t)
+        return self.relu(y)
+
+
+OTHER_OPERANDS = {
+    "same": lambda x: torch.randn(x.shape, dtype=x.dtype),
+    "per-channel": lambda x: torch.randn(2, 4, 1, 1, dtype=x.dtype),
+    "per-column": lambda x: torch.randn(5, dtype=x.dtype),
+    "0-d": lambda x: torch.tensor(0.75, dtype=x.dtype),
+    "float32": lambda x: torch.randn(x.shape),
+    "float64 per-channel": lambda x: torch.randn(1, 4, 1, 1, dtype=torch.float64),
+    "number": lambda x: 0.5,
+    "larger": lambda x: torch.randn((3,) + tuple(x.shape), dtype=x.dtype),
+}
+
+
+@pytest.mark.parametrize("how", ["+", "+r", "+=", "add_", "torch.add"])
+@pytest.mark.parametrize("other", list(OTHER_OPERANDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_add_broadcasts_and_promotes_like_the_original(how, other, dtype):
+    """Whatever the other operand of a fused add (broadcast, promoted, a number), the fused
+    forward computes what the module's own forward does — values, dtype, gradients — and
+    raises where it raises (an in-place add that would have to grow its output)."""
+    model = frozen(_AddThenAct(how))
+    fused, rep = fuse(model, report=True)
+    assert rep.count(residual=True) == 1, rep
+    x = torch.randn(2, 4, 5, 5, dtype=dtype) * 3
+    t = OTHER_OPERANDS[other](x)
+    inputs = [x.detach().requires_grad_()]
+    if isinstance(t, Tensor):
+        inputs.append(t.detach().requires_grad_())
+    try:
+        expected = model(inputs[0] * 1, inputs[1] * 1 if len(inputs) > 1 else t)
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError, match=re.escape(str(e).split("\n")[0])):
+            fused(inputs[0] * 1, inputs[1] * 1 if len(inputs) > 1 else t)
+        return
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), inputs)
+    got = fused(inputs[0] * 1, inputs[1] * 1 if len(inputs) > 1 else t)
+    got_grads = torch.autograd.grad(got.float().square().sum(), inputs)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got, expected)
+    for g, e in zip(got_grads, expected_grads):
+        assert g.dtype == e.dtype and torch.equal(g, e)

@@ -27,9 +27,14 @@ LOW = [torch.float16, torch.bfloat16]
 TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def frozen_model(name: str, seed: int = 0) -> nn.Module:
+#: fully frozen (buffers), and frozen statistics with trainable weight and bias
+AFFINE = [pytest.param(False, id="frozen"), pytest.param("source", id="trainable_affine")]
+
+
+def frozen_model(name: str, seed: int = 0, trainable_affine=False) -> nn.Module:
     torch.manual_seed(seed)
-    return convert_frozen_bn(randomize_norm_stats_(getattr(tvm, name)(num_classes=10), seed))
+    return convert_frozen_bn(randomize_norm_stats_(getattr(tvm, name)(num_classes=10), seed),
+                             trainable_affine=trainable_affine)
 
 
 def images(dtype=torch.float32, n=2, size=32) -> torch.Tensor:
@@ -73,9 +78,10 @@ def test_resnet50_cast_channels_last_train_forward_backward(dtype):
     assert_frozen(model)
 
 
+@pytest.mark.parametrize("trainable_affine", AFFINE)
 @pytest.mark.parametrize("dtype", LOW)
-def test_autocast_train_forward_backward(dtype):
-    model = frozen_model("resnet18").train()
+def test_autocast_train_forward_backward(dtype, trainable_affine):
+    model = frozen_model("resnet18", trainable_affine=trainable_affine).train()
     with torch.no_grad():
         ref = copy.deepcopy(model).eval()(images())
     with torch.autocast("cpu", dtype=dtype):
@@ -117,6 +123,8 @@ def emulate_network_to_half(network: nn.Module) -> nn.Module:
 
 
 def check_half_network(model: nn.Module, ref: torch.Tensor, stats_dtype: torch.dtype) -> None:
+    """A half network's forward and backward in train mode: finite gradients for the input
+    and every parameter (trainable frozen weight and bias included, in their own dtype)."""
     frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm)]
     assert frozen and all(b.dtype == stats_dtype for m in frozen for b in m.buffers())
     model.train()
@@ -127,9 +135,9 @@ def check_half_network(model: nn.Module, ref: torch.Tensor, stats_dtype: torch.d
     assert_frozen(model)
 
 
-@pytest.fixture
-def resnet_and_reference():
-    model = frozen_model("resnet18")
+@pytest.fixture(params=AFFINE)
+def resnet_and_reference(request):
+    model = frozen_model("resnet18", trainable_affine=request.param)
     with torch.no_grad():
         ref = model.eval()(images())
     return model, ref
@@ -174,6 +182,44 @@ def test_apex_network_to_half_of_a_partly_frozen_model(apex_fp16):
     assert_close_rel(y.float(), ref, rtol=TOL[torch.float16])
 
 
+def apex_network_to_half(network: nn.Module) -> nn.Module:
+    return pytest.importorskip("apex.fp16_utils").network_to_half(network)
+
+
+@pytest.mark.parametrize("network_to_half", [emulate_network_to_half, apex_network_to_half],
+                         ids=["emulated", "apex"])
+def test_the_seeds_recipe_with_trainable_affine(network_to_half):
+    """The blog post's mixed-precision case, on the CPU: ``network_to_half(model)``,
+    ``model.train()``, ``model.apply(fix_bn)`` (``eval()`` for every class named
+    "BatchNorm"), a half input, ``output.mean().backward()`` -- with the BatchNorm layers
+    frozen, weight and bias trainable. The step runs: float32 gradients for weight and bias,
+    finite, and a finite input gradient; SGD moves weight and bias, never the statistics."""
+    def fix_bn(m: nn.Module) -> None:
+        if m.__class__.__name__.find("BatchNorm") != -1:
+            m.eval()
+
+    model = network_to_half(frozen_model("resnet18", trainable_affine=True))
+    model.train()
+    model.apply(fix_bn)
+    layers = [m for m in model.modules() if isinstance(m, FrozenBatchNorm)]
+    assert len(layers) == 20 and all(m.weight.dtype == torch.float32 for m in layers)
+    before = frozen_buffers(model)
+    affine = {id(p): p.detach().clone() for m in layers for p in (m.weight, m.bias)}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = images(torch.float16).requires_grad_()
+    output = model(x)
+    assert output.dtype == torch.float16
+    output.float().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for m in layers:
+        for p in (m.weight, m.bias):
+            assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+    optimizer.step()
+    assert all(torch.equal(v, before[k]) for k, v in frozen_buffers(model).items())
+    moved = sum(not torch.equal(p, affine[id(p)]) for m in layers for p in (m.weight, m.bias))
+    assert moved == 2 * len(layers)
+
+
 @pytest.mark.filterwarnings("ignore:apex.parallel.*is deprecated")
 def test_apex_convert_syncbn_model():
     apex_parallel = pytest.importorskip("apex.parallel")
@@ -188,7 +234,7 @@ def test_apex_convert_syncbn_model():
     with torch.no_grad():
         ref = synced.eval()(images())
     # ... and convert_frozen_bn freezes apex's SyncBatchNorm
-    out, rep = convert_frozen_bn(synced, strict=True, report=True)
+    out, rep = convert_frozen_bn(synced, trainable_affine=False, strict=True, report=True)
     assert {r.source for r in rep.converted} == {apex_parallel.SyncBatchNorm}
     assert type(out.bn1) is FrozenBatchNorm and not any(isinstance(m, _BatchNorm) for m in out.modules())
     with torch.no_grad():

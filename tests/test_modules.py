@@ -5,12 +5,14 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import frozennorm
 from frozennorm import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
 from conftest import device_params
+from oracle import assert_close_to_exact, compute_eps, oracle, oracle_terms
 
 CASES = [(FrozenBatchNorm1d, nn.BatchNorm1d, (4, 6)), (FrozenBatchNorm1d, nn.BatchNorm1d, (4, 6, 5)),
          (FrozenBatchNorm2d, nn.BatchNorm2d, (2, 6, 5, 4)),
@@ -174,12 +176,14 @@ def test_half_cast_keeps_fp32_statistics(device):
     assert d(torch.randn(2, 6, 3, 3, device=device, dtype=torch.float64)).dtype == torch.float64
     # back to float32 from float64 works as usual
     assert all(b.dtype == torch.float32 for b in d.float().buffers())
-    # statistics already in half (apex's network_to_half sets .data directly) still work
+    # statistics already in half (apex's network_to_half sets .data directly) still work:
+    # the float16 values as given, computed in float32, rounded once
     h = copy.deepcopy(m)
     for b in h.buffers():
         b.data = b.data.half()
     x = torch.randn(2, 6, 4, 4, device=device, dtype=torch.float16)
-    torch.testing.assert_close(h(x).float(), m(x).float(), rtol=2e-3, atol=2e-2)
+    args = (x, h.weight, h.bias, h.running_mean, h.running_var, h.eps)
+    assert_close_to_exact(h(x), oracle(*args), oracle_terms(*args), compute_eps(x.dtype))
 
 
 def test_to_meta_and_back_keeps_working():
@@ -258,7 +262,9 @@ def test_apex_style_module_without_eps():
             return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(1, -1, 1, 1)
 
     src = ApexFrozen()
-    m = FrozenBatchNorm2d.from_batchnorm(src)
+    with pytest.raises(ValueError, match=r"no eps attribute.*from_batchnorm\(bn, eps=\.\.\.\)"):
+        FrozenBatchNorm2d.from_batchnorm(src)
+    m = FrozenBatchNorm2d.from_batchnorm(src, eps=0.0)
     assert m.eps == 0.0
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(m(x), src(x))
@@ -299,15 +305,10 @@ def test_forward_follows_whatever_holds_the_statistics(kind):
     frozen.weight = nn.Parameter(frozen.weight * 3)
     with torch.no_grad():
         bn.weight.mul_(3)
-    if kind == "plain":
-        torch.testing.assert_close(frozen(x), ref(x))
-        frozen(x).sum().backward()
-        assert frozen.weight.grad is not None and frozen.weight.grad.abs().sum() > 0
-    else:  # the fused op differentiates the input only, and says so
-        with pytest.raises(RuntimeError, match="differentiates the input and the residual only"):
-            frozen(x, *more)
-        with torch.no_grad():
-            torch.testing.assert_close(frozen(x, *more), ref(x))
+    torch.testing.assert_close(frozen(x, *more), ref(x))
+    frozen(x, *more).square().sum().backward()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(frozen.weight.grad, bn.weight.grad, rtol=1e-4, atol=1e-3)
 
     # a parametrized buffer: the parametrization's value is used
     frozen, ref, more = _fused_or_plain(kind)
@@ -333,3 +334,49 @@ def test_forward_follows_whatever_holds_the_statistics(kind):
     torch.testing.assert_close(out, expected_frozen(x, *more))
     torch.testing.assert_close(frozen(x, *more), ref(x))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("frozen_cls,bn_cls,shape", CASES)
+def test_16_bit_inputs_match_batchnorm_rounded_once(frozen_cls, bn_cls, shape, dtype):
+    """A float16/bfloat16 input through a module with float32 statistics (what
+    ``model.half()`` leaves), variances down to 1e-6 (eps decides those channels): the
+    BatchNorm's eval output in float64, rounded once to the input's dtype (within float32's
+    few ulps of it), also after ``.half()``/``.bfloat16()`` of the module."""
+    bn = random_bn(bn_cls, affine=True)
+    with torch.no_grad():
+        bn.running_var.copy_(10 ** torch.linspace(-6, 0.3, 6))
+    x = (torch.randn(shape) * 3).to(dtype)
+    exact = bn.double()(x.double())
+    bn.float()
+    frozen = frozen_cls.from_batchnorm(bn)
+    args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    for module in (frozen, copy.deepcopy(frozen).to(dtype)):
+        y = module(x)
+        assert y.dtype == dtype
+        assert_close_to_exact(y, exact, oracle_terms(*args), compute_eps(dtype))
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "relu6", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_forward_with_residual_and_activation(activation, dtype, with_residual):
+    """``bn(x, residual, activation)`` (what forwards fuse() rewrote call) is ``act(bn(x) +
+    residual)`` as the unfused sequence computes it (bit for bit; SiLU within an ulp), the
+    residual included with the identity too; inputs wide enough to reach ReLU6's 6."""
+    m = FrozenBatchNorm2d.from_batchnorm(random_bn(nn.BatchNorm2d)).to(dtype)
+    x = (torch.randn(2, 6, 5, 4, dtype=torch.float64) * 4).to(dtype)
+    residual = torch.randn(x.shape, dtype=torch.float64).to(dtype) if with_residual else None
+    act = {"identity": lambda t: t, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu}
+    plain = m(x)
+    expected = act[activation](plain + residual if with_residual else plain)
+    got = m(x, residual, activation)
+    assert got.dtype == dtype
+    if activation == "silu":
+        tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 2e-6,
+               torch.float64: 1e-12}[dtype]
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    else:
+        assert torch.equal(got, expected), (got - expected).abs().max()
+    if activation == "relu6":
+        assert (expected == 6).any() and ((expected > 0) & (expected < 6)).any()

@@ -180,6 +180,30 @@ def test_freeze_scope():
     assert fn_ultralytics.freeze_scope(None) == fn_ultralytics.freeze_scope(0) == ["model"]
 
 
+def test_repconv_with_an_identity_batchnorm_fuses_after_conversion():
+    """RepConv's _fuse_bn_tensor takes its identity branch only as an nn.BatchNorm2d (a
+    frozen one would raise UnboundLocalError in Ultralytics' fuse()): converted blocks get
+    a view that hands it the BatchNorm the frozen layer computes."""
+    from ultralytics.nn.modules.conv import RepConv
+    torch.manual_seed(0)
+    block = randomize_norm_stats_(RepConv(8, 8, bn=True)).eval()
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        expected = block(x)
+        converted = convert_frozen_bn(copy.deepcopy(block), trainable_affine=False)
+        assert isinstance(converted.bn, FrozenBatchNorm2d)
+        converted.fuse_convs()
+        torch.testing.assert_close(converted.forward_fuse(x), expected, rtol=1e-5, atol=1e-5)
+    from ultralytics.nn.tasks import RTDETRDetectionModel  # RepC3 blocks of RepConv
+    torch.manual_seed(0)
+    model = randomize_norm_stats_(RTDETRDetectionModel("rtdetr-l.yaml", verbose=False)).eval()
+    with torch.no_grad():
+        expected = boxes(copy.deepcopy(model).fuse(verbose=False), X)
+        got = boxes(convert_frozen_bn(copy.deepcopy(model), trainable_affine=False)
+                    .fuse(verbose=False), X)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+
+
 def test_portable_copies_carry_no_frozennorm():
     model = fuse(convert_frozen_bn(yolo_model("yolov8n.yaml")))
     plain = fn_ultralytics.portable(model)
@@ -187,7 +211,7 @@ def test_portable_copies_carry_no_frozennorm():
     assert not any("forward" in m.__dict__ for m in plain.modules())
     torch.testing.assert_close(boxes(plain.eval(), X), boxes(model, X), rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="IdentityBatchNorm"):
-        fn_ultralytics.portable(fold_frozen_bn(model))
+        fn_ultralytics.portable(fold_frozen_bn(model, shift="conv_bias"))
 
 
 # --------------------------------------------------------------------------------------
@@ -233,21 +257,27 @@ def test_recipe_end_to_end(tmp_path):
             assert "frozennorm" in out.stderr
 
 
-@pytest.mark.slow
-def test_resume_and_the_trainer_without_frozennorm(tmp_path):
-    """resume=True keeps the freeze (the interrupted run's last.pt, then the rest); a
-    callback that freezes by requires_grad in Ultralytics' own trainer does not."""
-    from ultralytics.models.yolo.detect import DetectionTrainer
-
+def offline_training(tmp_path: Path) -> dict:
+    """Writes a synthetic dataset and ``start.pt`` (YOLOv8n with made-up statistics) under
+    ``tmp_path``; returns the arguments of ``YOLO.train`` for a short offline CPU run there."""
     example = load_example()
     data = example.synthetic_dataset(tmp_path / "data")
     start = YOLO("yolov8n.yaml")
     example.made_up_statistics(start.model)
     start.ckpt = {}
     start.save(tmp_path / "start.pt")
+    return dict(data=str(data), imgsz=64, batch=4, device="cpu", workers=0, plots=False,
+                amp=False, project=str(tmp_path), exist_ok=True, verbose=False)
+
+
+@pytest.mark.slow
+def test_resume_and_the_trainer_without_frozennorm(tmp_path):
+    """resume=True keeps the freeze (the interrupted run's last.pt, then the rest); a
+    callback that freezes by requires_grad in Ultralytics' own trainer does not."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    common = offline_training(tmp_path)
     before = stats(YOLO(str(tmp_path / "start.pt")).model)
-    common = dict(data=str(data), imgsz=64, batch=4, device="cpu", workers=0, plots=False,
-                  amp=False, project=str(tmp_path), exist_ok=True, verbose=False)
 
     class Interrupt(Exception):
         pass
@@ -281,3 +311,104 @@ def test_resume_and_the_trainer_without_frozennorm(tmp_path):
     plain.train(epochs=1, trainer=DetectionTrainer, name="plain", **common)
     assert n_changed(before, stats(YOLO(str(tmp_path / "plain" / "weights" / "last.pt")).model)) \
         == len(before)
+
+
+# --------------------------------------------------------------------------------------
+# Statistics frozen, weight and bias trained (trainable_affine)
+# --------------------------------------------------------------------------------------
+
+class FrozenStatsTrainer(fn_ultralytics.FrozenBNDetectionTrainer):
+    """Every BatchNorm's statistics frozen; weight and bias train outside the freeze= layers.
+    (At module level: Ultralytics' DDP imports trainers by name.)"""
+    include = "model"
+    trainable_affine = True
+
+
+def optimizer_groups(optimizer: torch.optim.Optimizer) -> list:
+    """(tag, the tensors by identity, the other options) for each group."""
+    return [(g.get("param_group"), [id(p) for p in g["params"]],
+             {k: v for k, v in g.items() if k not in ("params", "param_group")})
+            for g in optimizer.param_groups]
+
+
+@pytest.fixture(scope="module")
+def detection_trainer(tmp_path_factory):
+    """A FrozenStatsTrainer set up as YOLO(...).train builds one (offline dataset)."""
+    root = tmp_path_factory.mktemp("ultralytics")
+    data = load_example().synthetic_dataset(root / "data")
+    return FrozenStatsTrainer(overrides=dict(model="yolov8n.yaml", data=str(data), imgsz=64,
+                                             device="cpu", project=str(root), name="groups",
+                                             exist_ok=True, plots=False, verbose=False))
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "MuSGD"])
+def test_optimizer_groups_with_trainable_affine(detection_trainer, name):
+    """Ultralytics' build_optimizer spares the weights of torch.nn "Norm" classes from weight
+    decay: a converted model's trainable frozen weights (57 in YOLOv8n) would decay. The
+    trainer's optimizer has the unconverted model's groups: the same tensors (converted in
+    place: the same Parameter objects), tags and options, in the same order; MuSGD's boosted
+    head groups included."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    kw = dict(name=name, lr=0.01, momentum=0.9, decay=5e-4)
+    model = yolo_model("yolov8n.yaml")
+    want = optimizer_groups(DetectionTrainer.build_optimizer(detection_trainer, model, **kw))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    converted = convert_frozen_bn(model, trainable_affine="source")
+    assert sum(isinstance(m, FrozenBatchNorm2d) and m.trainable_affine
+               for m in converted.modules()) == n_bn == 57
+    assert optimizer_groups(detection_trainer.build_optimizer(converted, **kw)) == want
+    plain = optimizer_groups(DetectionTrainer.build_optimizer(detection_trainer, converted, **kw))
+    decayed = {i for tag, ids, opts in plain if opts["weight_decay"] > 0 for i in ids}
+    weights = {id(m.weight) for m in converted.modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert weights <= decayed  # what Ultralytics' own trainer does with them
+    assert fn_ultralytics.norm_weights_without_decay(
+        DetectionTrainer.build_optimizer(detection_trainer, converted, **kw), converted) == n_bn
+
+
+@pytest.mark.slow
+def test_trainable_affine_training_ema_and_checkpoints(tmp_path):
+    """A short offline training with trainable_affine (freeze=10, every BatchNorm's statistics
+    frozen): weight and bias train outside layers 0-9 and not inside; Ultralytics' EMA
+    (which moves every floating state-dict entry towards the model's) and the checkpoints
+    keep every frozen statistic bit for bit; training on from last.pt keeps the layers
+    frozen, with weight and bias trainable."""
+    common = offline_training(tmp_path)
+    initial = YOLO(str(tmp_path / "start.pt")).model.float()
+    everything = ["model"]
+    before = stats(initial, everything)
+    affine = {n: p.detach().clone() for n, p in initial.named_parameters()
+              if n.endswith((".bn.weight", ".bn.bias"))}
+    assert len(before) == 2 * 57 and len(affine) == 2 * 57
+
+    yolo = YOLO(str(tmp_path / "start.pt"))
+    yolo.train(epochs=1, freeze=10, name="run", trainer=FrozenStatsTrainer, **common)
+    trainer = yolo.trainer
+    for model in (trainer.model, trainer.ema.ema):
+        layers = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+        assert len(layers) == 57 and all(m.trainable_affine for m in layers)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        assert n_changed(before, stats(model, everything)) == 0
+    trained = {n: p for n, p in trainer.model.named_parameters() if n in affine}
+    frozen_layers = tuple(f"{s}." for s in FROZEN)
+    moved = {n for n, p in trained.items() if not torch.equal(p.detach(), affine[n])}
+    # all outside layers 0-9 but the stride-32 box branch, which 64-pixel images with one
+    # small box each never assign a target (no gradient)
+    assert moved == {n for n in affine if not n.startswith(frozen_layers + ("model.22.cv2.2.",))}
+    ema = dict(trainer.ema.ema.named_parameters())
+    assert all(not torch.equal(ema[n], affine[n]) for n in moved)  # the EMA follows them
+    no_decay = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] == 0
+                for p in g["params"]}
+    assert all(id(p) in no_decay for n, p in trained.items() if n.endswith(".weight"))
+
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(tmp_path / "run" / "weights" / name, map_location="cpu",
+                          weights_only=False)
+        saved = [m for m in (ckpt.get("model"), ckpt.get("ema")) if isinstance(m, nn.Module)]
+        assert saved, name
+        for model in saved:
+            assert n_changed(before, stats(model.float(), everything)) == 0, name
+
+    again = YOLO(str(tmp_path / "run" / "weights" / "last.pt"))
+    again.train(epochs=1, freeze=10, name="again", trainer=FrozenStatsTrainer, **common)
+    for model in (again.trainer.model, again.trainer.ema.ema):
+        assert n_changed(before, stats(model, everything)) == 0

@@ -1,125 +1,73 @@
-// Kernel bodies of the frozen affine map on CUDA, written as host/device functors.
+// The kernels of the frozen affine map on CUDA, host/device functors (device_support.cuh):
 //
-// Every kernel is a functor `K` with `void operator()(const ThreadIdx&) const`: on the GPU a
-// single generic __global__ entry calls it with the built-in indices; the test suite's CUDA
-// emulation (tests/cuda_emulation) compiles this same header as plain C++ and calls it for
-// every (block, thread) of the grid, so the indexing below is exercised without a GPU. The
-// kernels use no shared memory and no barriers, which makes that emulation exact.
+//  * ParamsKernel  — the forward's first launch: every channel's scale = weight /
+//    sqrt(var + eps), rounded once in acc_t (the forward's second output), and the channel's
+//    {mean, scale, shift} in a table that the second launch reads: the per-channel values
+//    are computed once per call, and the element kernels read a channel's with one 16-byte
+//    load (from L1, after the first).
+//  * PlanesKernel  — dense data whose channels are planes of `plane` > 1 consecutive
+//    elements (NCHW, and any dense layout with something inside C): flat vectors; the
+//    channel of flat index i is (i / plane) % C, followed element by element where a vector
+//    straddles two (or, for planes smaller than a vector, more) planes; then the numel % VEC
+//    tail.
+//  * RowsKernel    — dense data with channel stride 1 (channels_last, channels_last_3d,
+//    (N, C)): rows of C channels, C % VEC == 0; a thread owns VEC channels, loads their
+//    parameters once and walks down the rows.
+//  * StridedKernel — anything else (sliced views, expanded gradients): each output element
+//    (the output is dense) gathers its input from the offset of its N-d index.
 //
-// Three layouts, one pass over memory each:
-//  * PlanesKernel — dense data whose channel stride `inner` is > 1 (NCHW and any other dense
-//    layout where something is inside C): flat 128-bit vectors; the channel of flat index i
-//    is (i / inner) % C, followed across a vector when it straddles two planes, and kept
-//    from one vector to the next while the plane stays the same.
-//  * RowsKernel   — dense data with channel stride 1 (channels_last, channels_last_3d, (N, C)):
-//    rows of C channels; each thread owns VEC fixed channels, computes their parameters once
-//    and walks down the rows.
-//  * StridedKernel — anything else (sliced views, expanded gradients): per element, input and
-//    output offsets from an N-d index.
+// "plane" is one name for one quantity: the number of consecutive elements of one channel in
+// a dense tensor, its stride(1).
+//
+// The three element kernels run an Op (AffineOp below; the fused epilogues in
+// act_kernels.cuh) Op::kUnroll vectors per thread and step, every load issued before the
+// first store, so that enough bytes are in flight: 64 per thread with 16-byte vectors (SiLU:
+// 16 or 32, act_kernels.cuh). An Op provides
+//   using acc_t;                                         the compute type
+//   static constexpr int kUnroll;                        vectors per thread and step
+//   template <int VEC> struct Regs;                      one vector's registers
+//   template <int VEC, class I> void load(I i, Regs<VEC>&) const    elements [i, i + VEC)
+//   template <int VEC> void apply(Regs<VEC>&, int j, const ChannelParams<acc_t>&) const
+//   template <int VEC, class I> void store(I i, const Regs<VEC>&) const
+// (in the StridedKernel, load's i is the input offset and store's the output offset).
 #pragma once
+
+#include "device_support.cuh"
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <cmath>
-#include <cstdint>
-
-#if defined(__CUDACC__)
-#define FN_HD __host__ __device__
-#define FN_INLINE __forceinline__
-#else
-#define FN_HD
-#define FN_INLINE inline
-#endif
-
 namespace frozennorm::cuda {
-
-struct Dim2 {
-  uint32_t x = 1, y = 1;
-};
-
-// The built-in indices of the calling thread (blockIdx, threadIdx, gridDim, blockDim).
-struct ThreadIdx {
-  Dim2 block, thread, grid, block_dim;
-#if defined(__CUDACC__)
-  __device__ static ThreadIdx current() {
-    return {{blockIdx.x, blockIdx.y}, {threadIdx.x, threadIdx.y}, {gridDim.x, gridDim.y},
-            {blockDim.x, blockDim.y}};
-  }
-#endif
-};
-
-// Correctly rounded (IEEE) arithmetic on host and device alike.
-FN_HD FN_INLINE float sqrt_rn(float x) {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-FN_HD FN_INLINE double sqrt_rn(double x) {
-#if defined(__CUDA_ARCH__)
-  return __dsqrt_rn(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-FN_HD FN_INLINE float fma_rn(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-FN_HD FN_INLINE double fma_rn(double a, double b, double c) {
-#if defined(__CUDA_ARCH__)
-  return __fma_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-
-// N consecutive elements, aligned so that one load/store instruction moves them all.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T, int N>
-FN_HD FN_INLINE Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-template <typename T, int N>
-FN_HD FN_INLINE void store_pack(T* p, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
-}
 
 template <typename acc_t>
 struct ChannelParams {
   acc_t mean, scale, shift;
 };
 
+// One channel's entry of the forward's parameter table: {mean, scale, shift, 0}.
+template <typename acc_t>
+using ParamsEntry = Pack<acc_t, 4>;
+
 // Dtype tag of a statistics vector, read with a uniform branch instead of one kernel
 // instantiation per statistics dtype.
 enum class StatType : int8_t { kFloat, kDouble, kHalf, kBFloat16 };
 
 template <typename acc_t>
-FN_HD FN_INLINE acc_t load_stat(const void* p, StatType t, int64_t c) {
+FROZENNORM_HD acc_t load_stat(const void* p, StatType t, int64_t c) {
   switch (t) {
     case StatType::kFloat:
-      return static_cast<acc_t>(static_cast<const float*>(p)[c]);
+      return static_cast<acc_t>(load1(static_cast<const float*>(p) + c));
     case StatType::kDouble:
-      return static_cast<acc_t>(static_cast<const double*>(p)[c]);
+      return static_cast<acc_t>(load1(static_cast<const double*>(p) + c));
     case StatType::kHalf:
-      return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(p)[c]));
+      return static_cast<acc_t>(static_cast<float>(load1(static_cast<const c10::Half*>(p) + c)));
     default:
-      return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[c]));
+      return static_cast<acc_t>(static_cast<float>(load1(static_cast<const c10::BFloat16*>(p) + c)));
   }
 }
 
-// Forward parameters from the frozen statistics: scale = weight / sqrt(var + eps), rounded
-// once per operation in acc_t. weight/bias may be null (affine=False sources).
+// The frozen statistics (weight and bias may be null: affine=False).
 template <typename acc_t>
 struct StatsSource {
   const void* weight;
@@ -129,7 +77,7 @@ struct StatsSource {
   StatType type;
   acc_t eps;
 
-  FN_HD FN_INLINE ChannelParams<acc_t> operator()(int64_t c) const {
+  FROZENNORM_HD ChannelParams<acc_t> operator()(int64_t c) const {
     const acc_t w = weight != nullptr ? load_stat<acc_t>(weight, type, c) : acc_t(1);
     ChannelParams<acc_t> p;
     p.scale = w / sqrt_rn(load_stat<acc_t>(var, type, c) + eps);
@@ -139,207 +87,250 @@ struct StatsSource {
   }
 };
 
-// Backward parameters: the per-channel scale the forward returned.
+// Grid-stride over the channels: scale_out[c] and (unless null: an empty input) table[c].
+template <typename acc_t>
+struct ParamsKernel {
+  static constexpr const char* kName = "params";
+  static constexpr int kVec = 1, kUnroll = 1, kIndexBits = 64;
+  StatsSource<acc_t> stats;
+  acc_t* scale_out;
+  ParamsEntry<acc_t>* table;
+  int64_t C;
+
+  FROZENNORM_HD void operator()(const ThreadIdx& t) const {
+    const int64_t step = static_cast<int64_t>(t.grid.x) * t.block_dim.x;
+    for (int64_t c = static_cast<int64_t>(t.block.x) * t.block_dim.x + t.thread.x; c < C; c += step) {
+      const ChannelParams<acc_t> p = stats(c);
+      store1(scale_out + c, p.scale);
+      if (table != nullptr) store_pack<acc_t, 4>(table[c].v, {{p.mean, p.scale, p.shift, acc_t(0)}});
+    }
+  }
+};
+
+// The forward's parameters, from ParamsKernel's table.
+template <typename acc_t>
+struct TableSource {
+  const ParamsEntry<acc_t>* table;
+
+  template <typename index_t>
+  FROZENNORM_HD ChannelParams<acc_t> operator()(index_t c) const {
+    const ParamsEntry<acc_t> e = load_pack<acc_t, 4>(table[c].v);
+    return {e.v[0], e.v[1], e.v[2]};
+  }
+};
+
+// The backward's parameters: the per-channel scale the forward returned.
 template <typename acc_t>
 struct ScaleSource {
   const acc_t* scale;
 
-  FN_HD FN_INLINE ChannelParams<acc_t> operator()(int64_t c) const {
-    return {acc_t(0), scale[c], acc_t(0)};
+  template <typename index_t>
+  FROZENNORM_HD ChannelParams<acc_t> operator()(index_t c) const {
+    return {acc_t(0), load1(scale + c), acc_t(0)};
   }
 };
 
-// out = (in - mean) * scale + shift (kShift) or out = in * scale, on VEC elements whose
-// channel parameters are p[0..VEC).
-template <typename scalar_t, typename acc_t, bool kShift>
+// out = (in - mean) * scale + shift (kShift: the forward, one rounding of an FMA) or
+// out = in * scale (the backward).
+template <typename scalar_t, typename acc_t_, bool kShift>
 struct AffineOp {
+  using acc_t = acc_t_;
+  static constexpr int kUnroll = 4;
   const scalar_t* in;
   scalar_t* out;
 
-  FN_HD FN_INLINE static scalar_t apply1(scalar_t x, const ChannelParams<acc_t>& p) {
-    const acc_t v = static_cast<acc_t>(x);
-    if constexpr (kShift) {
-      return static_cast<scalar_t>(fma_rn(v - p.mean, p.scale, p.shift));
-    } else {
-      return static_cast<scalar_t>(v * p.scale);
-    }
+  template <int VEC>
+  struct Regs {
+    Pack<scalar_t, VEC> x, y;
+  };
+
+  template <int VEC, typename index_t>
+  FROZENNORM_HD void load(index_t i, Regs<VEC>& r) const {
+    r.x = load_pack<scalar_t, VEC>(in + i);
   }
 
   template <int VEC>
-  FN_HD FN_INLINE void operator()(int64_t i, const ChannelParams<acc_t> (&p)[VEC]) const {
-    const Pack<scalar_t, VEC> x = load_pack<scalar_t, VEC>(in + i);
-    Pack<scalar_t, VEC> y;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) y.v[j] = apply1(x.v[j], p[j]);
-    store_pack<scalar_t, VEC>(out + i, y);
+  FROZENNORM_HD void apply(Regs<VEC>& r, int j, const ChannelParams<acc_t>& p) const {
+    const acc_t v = static_cast<acc_t>(r.x.v[j]);
+    if constexpr (kShift) {
+      r.y.v[j] = static_cast<scalar_t>(fma_rn(v - p.mean, p.scale, p.shift));
+    } else {
+      r.y.v[j] = static_cast<scalar_t>(v * p.scale);
+    }
+  }
+
+  template <int VEC, typename index_t>
+  FROZENNORM_HD void store(index_t i, const Regs<VEC>& r) const {
+    store_pack<scalar_t, VEC>(out + i, r.y);
   }
 };
 
-// Block 0 writes every channel's scale (the forward's second output).
-template <typename index_t, typename Src, typename acc_t>
-FN_HD FN_INLINE void write_scales(const ThreadIdx& t, const Src& src, index_t C, acc_t* scale_out) {
-  if (scale_out == nullptr || t.block.x != 0 || t.block.y != 0) return;
-  const index_t tid = t.thread.y * t.block_dim.x + t.thread.x;
-  const index_t nthreads = t.block_dim.x * t.block_dim.y;
-  for (index_t c = tid; c < C; c += nthreads) scale_out[c] = src(c).scale;
-}
-
-// Division by a divisor fixed at launch, as a multiply-high, an add and a shift
-// (n < 2^63, divisor >= 1): 64-bit indices for every tensor size, at the cost of a few
-// instructions per vector.
-struct Divider {
-  uint64_t d, magic;
-  uint32_t shift;
-  explicit Divider(int64_t divisor) : d(static_cast<uint64_t>(divisor)), shift(0) {
-    while (shift < 64 && (uint64_t{1} << shift) < d) ++shift;
-    // magic = floor(2^64 * (2^shift - d) / d) + 1, which fits in 64 bits
-    const unsigned __int128 num = (static_cast<unsigned __int128>(1) << 64) *
-        ((static_cast<unsigned __int128>(1) << shift) - d);
-    magic = static_cast<uint64_t>(num / d + 1);
-  }
-  FN_HD FN_INLINE int64_t div(int64_t n) const {
-    const uint64_t un = static_cast<uint64_t>(n);
-#if defined(__CUDA_ARCH__)
-    const uint64_t hi = __umul64hi(un, magic);
-#else
-    const uint64_t hi = static_cast<uint64_t>((static_cast<unsigned __int128>(un) * magic) >> 64);
-#endif
-    return static_cast<int64_t>((hi + un) >> shift);
-  }
-};
-
-// Dense data, channel stride `inner` (the channel of flat index i is (i / inner) % C).
-// Each block takes one contiguous chunk of VEC-element vectors, its threads side by side,
-// so that a thread's next vector is usually in the same plane and its channel parameters
-// are reused; then the numel % VEC tail.
-template <int VEC, typename acc_t, typename Op, typename Src>
+// Dense data, channel planes of plane.d > 1 elements, C channels.
+template <int VEC, int UNROLL, typename index_t, typename Op, typename Src>
 struct PlanesKernel {
-  using index_t = int64_t;
+  static constexpr const char* kName = "planes";
+  static constexpr int kVec = VEC, kUnroll = UNROLL, kIndexBits = 8 * sizeof(index_t);
+  using P = ChannelParams<typename Op::acc_t>;
   Op op;
   Src src;
-  acc_t* scale_out;  // nullptr: don't write the scales
   index_t numel, C;
-  Divider inner;
-  index_t vecs_per_block;
+  Divider<index_t> plane;
+  Divider<index_t> channels;  // by C
 
-  FN_HD void operator()(const ThreadIdx& t) const {
-    write_scales(t, src, C, scale_out);
-    using P = ChannelParams<acc_t>;
+  FROZENNORM_HD void operator()(const ThreadIdx& t) const {
     const index_t nvec = numel / VEC;
-    const index_t first = static_cast<index_t>(t.block.x) * vecs_per_block;
-    const index_t last = first + vecs_per_block < nvec ? first + vecs_per_block : nvec;
-    index_t cached_q = -1, cached_c = 0;
-    P cur{};
-    for (index_t v = first + static_cast<index_t>(t.thread.x); v < last; v += t.block_dim.x) {
-      const index_t i = v * VEC;
-      const index_t q = inner.div(i);  // plane (n, c) of the vector's first element
-      if (q != cached_q) {
-        cached_q = q;
-        cached_c = q % C;
-        cur = src(cached_c);
+    const index_t threads = t.block_dim.x;
+    const index_t step = static_cast<index_t>(t.grid.x) * threads * UNROLL;
+    for (index_t base = static_cast<index_t>(t.block.x) * threads * UNROLL + t.thread.x; base < nvec;
+         base += step) {
+      typename Op::template Regs<VEC> r[UNROLL];
+#pragma unroll
+      for (int k = 0; k < UNROLL; ++k) {
+        const index_t v = base + k * threads;
+        if (v < nvec) op.template load<VEC>(v * VEC, r[k]);
       }
-      const index_t plane = static_cast<index_t>(inner.d);
-      index_t r = i - q * plane;  // position inside that plane
-      P p[VEC];
-      if (r + VEC <= plane) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) p[j] = cur;
-      } else {  // the vector runs into the next plane(s)
-        P here = cur;
-        index_t c = cached_c;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          p[j] = here;
-          if (++r == plane) {
-            r = 0;
-            c = (c + 1 == C) ? 0 : c + 1;
-            here = src(c);
-          }
+      for (int k = 0; k < UNROLL; ++k) {
+        const index_t v = base + k * threads;
+        if (v < nvec) {
+          apply<VEC>(v * VEC, r[k]);
+          op.template store<VEC>(v * VEC, r[k]);
         }
       }
-      op.template operator()<VEC>(i, p);
     }
-    const index_t tid = static_cast<index_t>(t.block.x) * t.block_dim.x + t.thread.x;
-    const index_t nthreads = static_cast<index_t>(t.grid.x) * t.block_dim.x;
-    for (index_t i = nvec * VEC + tid; i < numel; i += nthreads) {
-      const P p[1] = {src(inner.div(i) % C)};
-      op.template operator()<1>(i, p);
+    if constexpr (VEC > 1) {  // the numel % VEC elements after the last whole vector
+      const index_t i = nvec * VEC + static_cast<index_t>(t.block.x) * threads + t.thread.x;
+      if (i < numel) {
+        typename Op::template Regs<1> r;
+        op.template load<1>(i, r);
+        apply<1>(i, r);
+        op.template store<1>(i, r);
+      }
+    }
+  }
+
+  // Applies the op to the N elements from flat index i, each with its channel's parameters.
+  template <int N, typename R>
+  FROZENNORM_HD void apply(index_t i, R& r) const {
+    const index_t q = plane.div(i);  // plane (n, c) of element i
+    index_t pos = i - q * plane.d;   // its position in that plane
+    index_t c = q - channels.div(q) * C;
+    P p = src(c);
+    if (pos + N <= plane.d) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) op.template apply<N>(r, j, p);
+    } else {  // the vector runs into the next plane(s)
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        op.template apply<N>(r, j, p);
+        if (j + 1 < N && ++pos == plane.d) {
+          pos = 0;
+          c = c + 1 == C ? 0 : c + 1;
+          p = src(c);
+        }
+      }
     }
   }
 };
 
 // Dense data with channel stride 1: `rows` rows of C channels, C % VEC == 0. Thread x owns
-// channels [g * VEC, g * VEC + VEC) of every row it visits; y walks the rows.
-template <int VEC, typename acc_t, typename Op, typename Src>
+// channels [first, first + VEC) of every row it visits; y walks the rows.
+template <int VEC, int UNROLL, typename index_t, typename Op, typename Src>
 struct RowsKernel {
-  using index_t = int64_t;
+  static constexpr const char* kName = "rows";
+  static constexpr int kVec = VEC, kUnroll = UNROLL, kIndexBits = 8 * sizeof(index_t);
   Op op;
   Src src;
-  acc_t* scale_out;
   index_t rows, C;
 
-  FN_HD void operator()(const ThreadIdx& t) const {
-    const index_t g = static_cast<index_t>(t.block.x) * t.block_dim.x + t.thread.x;
-    if (g * VEC >= C) return;
-    ChannelParams<acc_t> p[VEC];
+  FROZENNORM_HD void operator()(const ThreadIdx& t) const {
+    const index_t first = (static_cast<index_t>(t.block.x) * t.block_dim.x + t.thread.x) * VEC;
+    if (first >= C) return;
+    ChannelParams<typename Op::acc_t> p[VEC];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) p[j] = src(g * VEC + j);
-    if (scale_out != nullptr && t.block.y == 0 && t.thread.y == 0) {
+    for (int j = 0; j < VEC; ++j) p[j] = src(first + j);
+    const index_t threads = t.block_dim.y;
+    const index_t step = static_cast<index_t>(t.grid.y) * threads * UNROLL;
+    for (index_t base = static_cast<index_t>(t.block.y) * threads * UNROLL + t.thread.y; base < rows;
+         base += step) {
+      typename Op::template Regs<VEC> r[UNROLL];
+      index_t at[UNROLL];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) scale_out[g * VEC + j] = p[j].scale;
-    }
-    const index_t row_stride = static_cast<index_t>(t.grid.y) * t.block_dim.y;
-    for (index_t r = static_cast<index_t>(t.block.y) * t.block_dim.y + t.thread.y; r < rows;
-         r += row_stride) {
-      op.template operator()<VEC>(r * C + g * VEC, p);
+      for (int k = 0; k < UNROLL; ++k) {
+        const index_t row = base + k * threads;
+        at[k] = row * C + first;
+        if (row < rows) op.template load<VEC>(at[k], r[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < UNROLL; ++k) {
+        if (base + k * threads < rows) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) op.template apply<VEC>(r[k], j, p[j]);
+          op.template store<VEC>(at[k], r[k]);
+        }
+      }
     }
   }
 };
 
 constexpr int kMaxStridedDims = 8;
 
-// Sizes and strides (in elements) of an N-d iteration, outermost dimension first; the
-// output is written in this order, so consecutive threads write consecutive addresses.
+// An N-d iteration over a dense output, outermost dimension first (so element e of the
+// iteration is the output's element at offset e): each dimension's size (as a divider) and
+// the input's stride along it. NDIM dimensions exactly (a shorter iteration is padded with
+// size-1 dimensions on the outer side), so that the index math unrolls without tests.
+template <int NDIM, typename index_t>
 struct StridedGeometry {
-  int ndim;
-  int channel_dim;  // position of dim 1 of the tensor in this order
-  int64_t sizes[kMaxStridedDims];
-  int64_t in_strides[kMaxStridedDims];
-  int64_t out_strides[kMaxStridedDims];
+  int channel_dim;  // the position of the tensor's dim 1 in this order; -1 if dropped (C == 1)
+  Divider<index_t> sizes[NDIM];
+  index_t in_strides[NDIM];
+
+  // The input offset of iteration element e, and its channel.
+  FROZENNORM_HD index_t offset(index_t e, index_t& channel) const {
+    index_t rem = e, off = 0;
+    channel = 0;
+#pragma unroll
+    for (int d = NDIM - 1; d > 0; --d) {
+      const index_t q = sizes[d].div(rem);
+      const index_t coord = rem - q * sizes[d].d;
+      off += coord * in_strides[d];
+      if (d == channel_dim) channel = coord;
+      rem = q;
+    }
+    if (channel_dim == 0) channel = rem;  // the outermost coordinate needs no division
+    return off + rem * in_strides[0];
+  }
 };
 
-template <typename scalar_t, typename acc_t, bool kShift, typename Src>
+template <int NDIM, int UNROLL, typename index_t, typename Op, typename Src>
 struct StridedKernel {
-  const scalar_t* in;
-  scalar_t* out;
+  static constexpr const char* kName = "strided";
+  static constexpr int kVec = 1, kUnroll = UNROLL, kIndexBits = 8 * sizeof(index_t), kDims = NDIM;
+  Op op;
   Src src;
-  acc_t* scale_out;
-  StridedGeometry geo;
-  int64_t numel, C;
+  StridedGeometry<NDIM, index_t> geo;
+  index_t numel;
 
-  FN_HD void operator()(const ThreadIdx& t) const {
-    write_scales(t, src, C, scale_out);
-    const int64_t tid = static_cast<int64_t>(t.block.x) * t.block_dim.x + t.thread.x;
-    const int64_t stride = static_cast<int64_t>(t.grid.x) * t.block_dim.x;
-    int64_t cached_c = -1;
-    ChannelParams<acc_t> p{};
-    for (int64_t k = tid; k < numel; k += stride) {
-      int64_t rem = k, in_off = 0, out_off = 0, c = 0;
+  FROZENNORM_HD void operator()(const ThreadIdx& t) const {
+    const index_t threads = t.block_dim.x;
+    const index_t step = static_cast<index_t>(t.grid.x) * threads * UNROLL;
+    for (index_t base = static_cast<index_t>(t.block.x) * threads * UNROLL + t.thread.x; base < numel;
+         base += step) {
+      typename Op::template Regs<1> r[UNROLL];
+      index_t channel[UNROLL];
 #pragma unroll
-      for (int d = kMaxStridedDims - 1; d >= 0; --d) {
-        if (d < geo.ndim) {
-          const int64_t coord = rem % geo.sizes[d];
-          rem /= geo.sizes[d];
-          in_off += coord * geo.in_strides[d];
-          out_off += coord * geo.out_strides[d];
-          if (d == geo.channel_dim) c = coord;
+      for (int k = 0; k < UNROLL; ++k) {
+        const index_t e = base + k * threads;
+        if (e < numel) op.template load<1>(geo.offset(e, channel[k]), r[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < UNROLL; ++k) {
+        const index_t e = base + k * threads;
+        if (e < numel) {
+          op.template apply<1>(r[k], 0, src(channel[k]));
+          op.template store<1>(e, r[k]);
         }
       }
-      if (c != cached_c) {
-        p = src(c);
-        cached_c = c;
-      }
-      out[out_off] = AffineOp<scalar_t, acc_t, kShift>::apply1(in[in_off], p);
     }
   }
 };

@@ -1,53 +1,19 @@
 // CUDA implementation of the frozennorm ops (frozen_bn, frozen_bn_backward, frozen_bn_act,
 // frozen_bn_act_backward): the host logic in frozen_bn_cuda_impl.h driving real launches on
-// the current stream.
-#include "frozen_bn_cuda_impl.h"
+// the current stream (cuda_launcher.cuh).
+#include "cuda_launcher.cuh"
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <mutex>
-#include <vector>
 
 namespace frozennorm::cuda {
 
-template <typename K>
-__global__ void __launch_bounds__(kThreads) kernel_entry(const K kernel) {
-  kernel(ThreadIdx::current());
-}
-
-class CudaLauncher {
- public:
-  explicit CudaLauncher(const at::Device& device)
-      : device_index_(device.index()), stream_(c10::cuda::getCurrentCUDAStream(device.index())) {}
-
-  int64_t max_blocks(int threads_per_block) const {
-    return static_cast<int64_t>(sm_count(device_index_)) * (2048 / threads_per_block);
-  }
-
-  template <typename K>
-  void launch(Dim2 grid, Dim2 block, const K& kernel) {
-    kernel_entry<K><<<dim3(grid.x, grid.y), dim3(block.x, block.y), 0, stream_.stream()>>>(kernel);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
- private:
-  static int sm_count(c10::DeviceIndex index) {
-    static std::mutex mutex;
-    static std::vector<int> counts;
-    std::lock_guard<std::mutex> lock(mutex);
-    if (static_cast<size_t>(index) >= counts.size()) counts.resize(index + 1, 0);
-    if (counts[index] == 0) {
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[index], cudaDevAttrMultiProcessorCount, index));
-    }
-    return counts[index];
-  }
-
-  c10::DeviceIndex device_index_;
-  c10::cuda::CUDAStream stream_;
-};
+// The loops of each dtype pair are compiled in loops_*.cu, a translation unit each (in parallel).
+extern template struct TypedLoops<c10::Half, float, CudaLauncher>;
+extern template struct TypedLoops<c10::BFloat16, float, CudaLauncher>;
+extern template struct TypedLoops<float, float, CudaLauncher>;
+extern template struct TypedLoops<float, double, CudaLauncher>;
+extern template struct TypedLoops<double, double, CudaLauncher>;
 
 namespace {
 

@@ -1,8 +1,15 @@
-"""Is a graph being captured? The frozennorm ops are opaque kernels in eager mode and under
-``torch.jit.trace``; while dynamo (``torch.compile``, ``torch.export``, the dynamo-based ONNX
-exporter) or the TorchScript-based ONNX exporter captures a graph, the functional form
-writes the same arithmetic as plain elementwise ops instead (fusable by Inductor, standard
-operators in exported files).
+"""When the fused ops must give way to plain elementwise ops.
+
+The frozennorm ops are opaque kernels with a C++ autograd in eager mode and under
+``torch.jit.trace``. Some tools need to see through them; while one of them is at work, the
+functional forms write the same arithmetic as plain elementwise ATen ops instead:
+
+* dynamo (``torch.compile``, ``torch.export``, the dynamo-based ONNX exporter) and the
+  TorchScript-based ONNX exporter capture a graph: elementwise ops are what Inductor fuses
+  with its neighbours and what exported files hold as standard operators;
+* ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``jvp``, ``vmap``,
+  ``hessian``) refuse C++ autograd functions, and forward-mode AD
+  (``torch.autograd.forward_ad``) has no formula for them: ATen's ops have every rule.
 
 Asked on every eager forward, so each check is cheap and the ONNX ones come last.
 """
@@ -11,11 +18,18 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+
+# torch >= 2.0 has both (the supported ones: >= 2.4); the forward-AD level is a module
+# global that dual_level() sets, read on each call.
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
 
 
-def capturing_graph() -> bool:
-    """True while dynamo or an ONNX exporter captures a graph (not under plain jit.trace)."""
-    if torch.compiler.is_compiling():
+def use_composite() -> bool:
+    """True while a graph is captured (dynamo, an ONNX exporter; not plain jit.trace), a
+    ``torch.func`` transform runs, or a forward-mode AD level is open."""
+    if _is_compiling() or _functorch_active() or _forward_ad._current_level >= 0:
         return True
     if torch.jit.is_tracing():  # jit.trace itself, or the TorchScript-based ONNX exporter
         return torch.onnx.is_in_onnx_export()

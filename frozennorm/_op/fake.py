@@ -2,7 +2,8 @@
 kernels produce them (torch.compile, torch.export and opcheck trace with these)."""
 import torch
 
-from .rules import SILU, IDENTITY, check_act, check_act_backward, check_backward, check_forward, is_dense
+from .rules import (SILU, IDENTITY, check_act, check_act_backward, check_affine_backward,
+                    check_backward, check_forward, is_dense)
 
 
 @torch.library.register_fake("frozennorm::frozen_bn")
@@ -40,3 +41,15 @@ def _frozen_bn_act_backward_fake(grad_output, saved, scale, activation, residual
     like = saved if is_dense(saved) else saved.contiguous()
     return (torch.empty_like(like),
             torch.empty_like(like) if residual_grad else grad_output.new_empty((0,)))
+
+
+@torch.library.register_fake("frozennorm::frozen_bn_affine_backward")
+def _frozen_bn_affine_backward_fake(grad_output, input, saved, running_mean, scale, activation,
+                                    input_grad, residual_grad):
+    acc = check_affine_backward(grad_output, input, saved, running_mean, scale, activation)
+    like = input if is_dense(input) else input.contiguous()
+    empty = grad_output.new_empty((0,))
+    C = input.shape[1]
+    return (torch.empty_like(like) if input_grad else empty,
+            torch.empty_like(like) if residual_grad else empty,
+            input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc))

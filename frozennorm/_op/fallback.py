@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from .. import _loader
-from .rules import (IDENTITY, RELU, RELU6, SILU, as_dtype, channel_view, check_act,
-                    check_act_backward, check_backward, check_forward, compute_dtype,
-                    reduce_dims, stats_dtype)
+from .rules import (IDENTITY, RELU, RELU6, SILU, activation_code, as_dtype, channel_view,
+                    check_act, check_act_backward, check_affine_backward, check_backward,
+                    check_forward, is_dense, reduce_dims)
 
 _fallback_warned = False
 _compiled = False  # set by register()
@@ -29,8 +29,9 @@ def _warn_fallback() -> None:
     if not _fallback_warned and not _compiled and _loader.requested_backend() == "auto":
         _fallback_warned = True
         warnings.warn(
-            "frozennorm: running the pure-PyTorch fallback (same results, slower), not the "
-            "compiled C++/CUDA kernels: " + _loader.fallback_reason(),
+            "frozennorm: running the pure-PyTorch fallback (the kernels' formula, slower, "
+            "without their fused multiply-add: results can differ from theirs by a rounding), "
+            "not the compiled C++/CUDA kernels: " + _loader.fallback_reason(),
             RuntimeWarning, stacklevel=3)
 
 
@@ -83,11 +84,13 @@ def frozen_bn_backward_fallback(grad_output: Tensor, scale: Tensor) -> Tensor:
 
 
 def apply_activation(a: Tensor, activation: int) -> Tensor:
-    if activation == RELU:
+    """The activation of code ``activation`` (also compiled by TorchScript, which takes no
+    global ints: the codes come from activation_code)."""
+    if activation == activation_code("relu"):
         return torch.relu(a)
-    if activation == RELU6:
+    if activation == activation_code("relu6"):
         return torch.nn.functional.relu6(a)
-    if activation == SILU:
+    if activation == activation_code("silu"):
         return torch.nn.functional.silu(a)
     return a
 
@@ -117,6 +120,28 @@ def frozen_bn_act_fallback(input: Tensor, residual: Optional[Tensor], weight: Op
     return torch.empty_like(out).copy_(apply_activation(out, activation)), scale, preact
 
 
+def frozen_bn_affine_backward_fallback(grad_output: Tensor, input: Tensor, saved: Optional[Tensor],
+                                      running_mean: Tensor, scale: Tensor, activation: int,
+                                      input_grad: bool, residual_grad: bool
+                                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pure-PyTorch implementation of ``frozen_bn_affine_backward`` (unfused: the sums by
+    ATen's reductions, whose order may depend on the thread count)."""
+    acc = check_affine_backward(grad_output, input, saved, running_mean, scale, activation)
+    _warn_fallback()
+    like = input if is_dense(input) else input.contiguous()
+    ga = grad_output if activation == IDENTITY else activation_grad(grad_output, saved, activation)
+    dims = reduce_dims(input.dim())
+    g = ga.to(acc)
+    sum_grad = g.sum(dims)
+    centered = as_dtype(input, acc) - channel_view(as_dtype(running_mean, acc), input.dim())
+    sum_centered = (g * centered).sum(dims)
+    empty = grad_output.new_empty((0,))
+    grad_input = (torch.empty_like(like).copy_(affine(ga, None, scale.to(acc), None, acc))
+                  if input_grad else empty)
+    grad_residual = torch.empty_like(like).copy_(ga) if residual_grad else empty
+    return grad_input, grad_residual, sum_grad, sum_centered
+
+
 def frozen_bn_act_backward_fallback(grad_output: Tensor, saved: Tensor, scale: Tensor,
                                     activation: int, residual_grad: bool) -> Tuple[Tensor, Tensor]:
     """Pure-PyTorch implementation of ``frozen_bn_act_backward``."""
@@ -133,19 +158,40 @@ def frozen_bn_act_backward_fallback(grad_output: Tensor, saved: Tensor, scale: T
 # statistics are computed too when they require grad, and only then is the input saved.
 # --------------------------------------------------------------------------------------
 
+def _save_statistics(ctx, scale, saved, input, weight, bias, running_mean, running_var, eps):
+    """What a backward needs when statistics require grad (the forward's input then too);
+    returns whether they do."""
+    ctx.stats_grad = any(t is not None and t.requires_grad
+                         for t in (weight, bias, running_mean, running_var))
+    ctx.eps = eps
+    if ctx.stats_grad:
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        # (copies of the running statistics unless they require grad: DDP overwrites module
+        # buffers in place between forwards)
+        kept = [t if t.requires_grad else t.detach().clone() for t in (running_mean, running_var)]
+        ctx.save_for_backward(scale, saved, input, weight, *kept)
+    else:
+        ctx.save_for_backward(scale, saved)
+    return ctx.stats_grad
+
+
+def statistics_grads(needs, sum_grad, sum_centered, scale, invstd, weight, bias_dtype, mean, var):
+    """The gradients of weight, bias, running_mean, running_var from the per-channel sums of
+    the BatchNorm output's gradient g and of g * (input - mean) (the formulas of
+    csrc/autograd.cpp): ``needs`` says which (in that order)."""
+    grad_weight = (sum_centered * invstd).to(weight.dtype) if needs[0] else None
+    grad_bias = sum_grad.to(bias_dtype) if needs[1] else None
+    grad_mean = (-sum_grad * scale).to(mean.dtype) if needs[2] else None
+    grad_var = (sum_centered * scale * invstd * invstd * -0.5).to(var.dtype) if needs[3] else None
+    return grad_weight, grad_bias, grad_mean, grad_var
+
+
 def _frozen_bn_setup_context(ctx, inputs, output):
     input, weight, bias, running_mean, running_var, eps = inputs
     _, scale = output
     ctx.mark_non_differentiable(scale)
     ctx.set_materialize_grads(False)  # no zeros for the scale's (never used) gradient
-    ctx.eps = eps
-    ctx.stats_grad = any(t is not None and t.requires_grad
-                         for t in (weight, bias, running_mean, running_var))
-    if ctx.stats_grad:
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(input, weight, running_mean, running_var)
-    else:
-        ctx.save_for_backward(scale)
+    _save_statistics(ctx, scale, None, input, weight, bias, running_mean, running_var, eps)
 
 
 def _frozen_bn_backward_formula(ctx, grad_output, _grad_scale):
@@ -153,28 +199,30 @@ def _frozen_bn_backward_formula(ctx, grad_output, _grad_scale):
         return None, None, None, None, None, None
     needs = ctx.needs_input_grad
     if not ctx.stats_grad:
-        (scale,) = ctx.saved_tensors
+        scale, _ = ctx.saved_tensors
         grad_input = torch.ops.frozennorm.frozen_bn_backward(grad_output, scale) if needs[0] else None
         return grad_input, None, None, None, None, None
 
-    input, weight, mean, var = ctx.saved_tensors
-    acc = compute_dtype(input.dtype, stats_dtype(weight, mean, var))
+    forward_scale, _, input, weight, mean, var = ctx.saved_tensors
+    acc = forward_scale.dtype
     invstd = torch.sqrt(var.to(acc) + ctx.eps).reciprocal()
-    scale = invstd * weight.to(acc) if weight is not None else invstd
+    if not torch.is_grad_enabled():  # one fused pass
+        grad_input, _, g_sum, g_xc = torch.ops.frozennorm.frozen_bn_affine_backward(
+            grad_output, input, None, mean, forward_scale, IDENTITY, needs[0], False)
+        return ((grad_input if needs[0] else None,)
+                + statistics_grads(needs[1:5], g_sum, g_xc, forward_scale, invstd, weight,
+                                   ctx.bias_dtype, mean, var) + (None,))
+    # A double backward: differentiable ATen formulas. One rule for the scale: the forward's
+    # value, with the formula's derivative (csrc/autograd.cpp says why this is exact).
+    formula = channel_scale(weight, var, ctx.eps, acc)
+    scale = formula + (forward_scale - formula.detach())
     grad_input = torch.ops.frozennorm.frozen_bn_backward(grad_output, scale) if needs[0] else None
     dims = reduce_dims(input.dim())
     g = grad_output.to(acc)
-    g_sum = g.sum(dims) if (needs[2] or needs[3]) else None
-    g_xc = None
-    if needs[1] or needs[4]:
-        g_xc = (g * (input.to(acc) - channel_view(mean.to(acc), input.dim()))).sum(dims)
-    grad_weight = (g_xc * invstd).to(weight.dtype) if needs[1] else None
-    grad_bias = g_sum.to(ctx.bias_dtype) if needs[2] else None
-    grad_mean = (-g_sum * scale).to(mean.dtype) if needs[3] else None
-    grad_var = None
-    if needs[4]:
-        grad_var = (g_xc * scale * invstd * invstd * -0.5).to(var.dtype)
-    return grad_input, grad_weight, grad_bias, grad_mean, grad_var, None
+    g_sum = g.sum(dims)
+    g_xc = (g * (input.to(acc) - channel_view(mean.to(acc), input.dim()))).sum(dims)
+    return ((grad_input,) + statistics_grads(needs[1:5], g_sum, g_xc, scale, invstd, weight,
+                                            ctx.bias_dtype, mean, var) + (None,))
 
 
 def _frozen_bn_backward_setup_context(ctx, inputs, output):
@@ -195,16 +243,12 @@ def _frozen_bn_backward_backward(ctx, grad):
 
 def _frozen_bn_act_setup_context(ctx, inputs, output):
     input, residual, weight, bias, running_mean, running_var, eps, activation, _ = inputs
-    if any(t is not None and t.requires_grad for t in (weight, bias, running_mean, running_var)):
-        raise RuntimeError(
-            "frozen_bn_act differentiates the input and the residual only; for gradients of "
-            "the statistics use frozen_bn followed by the activation")
     out, scale, preact = output
     ctx.mark_non_differentiable(scale, preact)
     ctx.set_materialize_grads(False)
     ctx.activation = activation
     saved = None if activation == IDENTITY else (preact if activation == SILU else out)
-    ctx.save_for_backward(scale, saved)
+    _save_statistics(ctx, scale, saved, input, weight, bias, running_mean, running_var, eps)
 
 
 def _frozen_bn_act_backward_formula(ctx, grad_output, _grad_scale, _grad_preact):
@@ -214,8 +258,17 @@ def _frozen_bn_act_backward_formula(ctx, grad_output, _grad_scale, _grad_preact)
             "activation where second derivatives are needed")
     if grad_output is None:  # the output took no part in the loss
         return None, None, None, None, None, None, None, None, None
+    needs = ctx.needs_input_grad
+    need_input, need_residual = needs[0], needs[1]
+    if ctx.stats_grad:
+        scale, saved, input, weight, mean, var = ctx.saved_tensors
+        grad_input, grad_residual, g_sum, g_xc = torch.ops.frozennorm.frozen_bn_affine_backward(
+            grad_output, input, saved, mean, scale, ctx.activation, need_input, need_residual)
+        invstd = torch.sqrt(var.to(scale.dtype) + ctx.eps).reciprocal()
+        return ((grad_input if need_input else None, grad_residual if need_residual else None)
+                + statistics_grads(needs[2:6], g_sum, g_xc, scale, invstd, weight,
+                                   ctx.bias_dtype, mean, var) + (None, None, None))
     scale, saved = ctx.saved_tensors
-    need_input, need_residual = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if ctx.activation == IDENTITY:
         grad_input = torch.ops.frozennorm.frozen_bn_backward(grad_output, scale) if need_input else None
         grad_residual = grad_output if need_residual else None
@@ -236,6 +289,8 @@ def register(lib: torch.library.Library, compiled: bool) -> None:
     lib.impl("frozen_bn_backward", frozen_bn_backward_fallback, "CompositeExplicitAutograd")
     lib.impl("frozen_bn_act", frozen_bn_act_fallback, "CompositeExplicitAutograd")
     lib.impl("frozen_bn_act_backward", frozen_bn_act_backward_fallback,
+             "CompositeExplicitAutograd")
+    lib.impl("frozen_bn_affine_backward", frozen_bn_affine_backward_fallback,
              "CompositeExplicitAutograd")
     if compiled:
         return

@@ -130,6 +130,26 @@ def check_act(input: Tensor, residual: Optional[Tensor], activation: int) -> Non
             f"{list(residual.shape)}")
 
 
+def residual_fits(input: Tensor, residual: Tensor) -> bool:
+    """A residual the fused op adds as it is: the input's shape, dtype and device."""
+    return (residual.dtype == input.dtype and residual.device == input.device
+            and residual.shape == input.shape)
+
+
+def broadcasts_to(input: Tensor, residual: Tensor) -> bool:
+    """A residual of the input's dtype and device whose sum with the input has the input's
+    shape: expanded, the fused op adds it with the same result as the unfused add."""
+    if residual.dtype != input.dtype or residual.device != input.device:
+        return False
+    if residual.dim() > input.dim():
+        return False
+    offset = input.dim() - residual.dim()
+    for i in range(residual.dim()):
+        if residual.shape[i] != 1 and residual.shape[i] != input.shape[offset + i]:
+            return False
+    return True
+
+
 def check_act_backward(grad_output: Tensor, saved: Tensor, scale: Tensor,
                         activation: int) -> torch.dtype:
     acc = check_backward(grad_output, scale)
@@ -140,6 +160,27 @@ def check_act_backward(grad_output: Tensor, saved: Tensor, scale: Tensor,
         raise RuntimeError(
             "frozen_bn_act_backward: saved must be the forward's output (ReLU/ReLU6) or "
             "pre-activation (SiLU), with grad_output's shape, dtype and device")
+    return acc
+
+
+def check_affine_backward(grad_output: Tensor, input: Tensor, saved: Optional[Tensor],
+                          running_mean: Tensor, scale: Tensor, activation: int) -> torch.dtype:
+    op = "frozen_bn_affine_backward"
+    acc = check_backward(grad_output, scale)
+    if activation not in (IDENTITY, RELU, RELU6, SILU):
+        raise RuntimeError(f"{op}: activation must be 0..3, got {activation}")
+    for t, name in ((input, "input"), (saved, "saved")):
+        if t is None:
+            continue
+        if t.shape != grad_output.shape or t.dtype != grad_output.dtype or t.device != grad_output.device:
+            raise RuntimeError(
+                f"{op}: {name} must have grad_output's shape {list(grad_output.shape)}, dtype "
+                f"{grad_output.dtype} and device {grad_output.device}; got "
+                f"{list(t.shape)} {t.dtype} on {t.device}")
+    if activation != IDENTITY and saved is None:
+        raise RuntimeError(f"{op}: saved (the forward's output, or pre-activation for SiLU) is "
+                           f"needed for activation {activation}")
+    check_stat(running_mean, "running_mean", grad_output, op)
     return acc
 
 

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path,
                    help="write results.json, results.md and PNG plots here (default: a new "
                         "folder bench-results/DEVICE-quick|full-DATE-TIME)")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write into benchmarks/results/ even from uncommitted changes or a "
+                        "stale build (refused otherwise; the results say so at the top)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--list-shapes", action="store_true", help="list shape presets and groups")
@@ -212,6 +215,7 @@ def _run(args: argparse.Namespace, plan: Plan, argv: List[str]) -> int:
     meta = report.metadata(plan.device, "python -m frozennorm.bench " + shlex.join(argv),
                            settings)
     print(f"frozennorm.bench: {report.meta_line(meta)}")
+    report.check_provenance(meta, out, args.allow_dirty)
     _warn_fallback()
     load = meta["load_average"]
     if not plan.cuda and load and load[0] > 0.5 * (os.cpu_count() or 1):

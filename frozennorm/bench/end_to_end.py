@@ -128,7 +128,7 @@ def make_variant(base: nn.Module, variant: str, mode: str = "training",
                 m.requires_grad_(False)  # frozen affine, like the frozen modules
         return model
     if variant in ("frozennorm", "compiled_frozennorm", "frozennorm_fold"):
-        model = convert_frozen_bn(model, strict=True)  # the library's own converter
+        model = convert_frozen_bn(model, trainable_affine=False, strict=True)  # the library's own converter
         if variant == "frozennorm_fold":
             model = (fuse(model, inplace=True) if mode == "training"
                      else fold_frozen_bn(model, inplace=True))

@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _loader
+from .._sources import sources_digest
 from .cases import Case, shape_str
 from .contenders import LABELS, PEERS
 from .end_to_end import MODELS, VARIANTS, E2ECase, E2EResult
@@ -251,21 +254,61 @@ def _git(where: Path, *args: str) -> str:
                           timeout=10, check=True).stdout.strip()
 
 
-def source_state() -> Dict[str, Optional[str]]:
-    """The checkout's git commit (with ``-dirty`` when it has local changes) and when the
-    compiled extension was built: the numbers belong to that code."""
+def source_state() -> Dict[str, object]:
+    """The checkout's git commit (with ``-dirty`` when it has local changes), when the
+    compiled extension was built, and ``provenance_problems``: why the numbers would not
+    belong to that commit (uncommitted changes; an extension built from other ``csrc/``
+    sources than the checkout's). An installed package (no checkout) has no commit to check."""
     package = Path(__file__).resolve().parent.parent
-    state: Dict[str, Optional[str]] = {"git": None, "extension_built": None}
+    state: Dict[str, object] = {"git": None, "extension_built": None}
+    problems: List[str] = []
     try:
         dirty = _git(package, "status", "--porcelain", "--untracked-files=no")
         state["git"] = _git(package, "rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+        if dirty:
+            problems.append(f"the checkout has uncommitted changes (git status in "
+                            f"{package.parent}): the numbers belong to no commit")
     except (OSError, subprocess.SubprocessError):
         pass
     built = sorted(package.glob("_C*.so")) + sorted(package.glob("_C*.pyd"))
     if built:
         stamp = datetime.fromtimestamp(built[0].stat().st_mtime, timezone.utc)
         state["extension_built"] = stamp.isoformat(timespec="seconds")
+        recorded = (_loader.build_info() or {}).get("sources_digest")
+        current = sources_digest(package.parent)
+        if current is not None and recorded != current:
+            problems.append(f"the compiled extension was built from other csrc/ sources than "
+                            f"the checkout's (built from {recorded or 'an unrecorded state'}, "
+                            f"checkout {current}): rebuild it "
+                            f"(pip install --no-build-isolation -e .)")
+    state["provenance_problems"] = problems
     return state
+
+
+def provenance_note(meta: Dict[str, object]) -> str:
+    """A loud first paragraph for results not made from a clean build of a commit ("" else)."""
+    problems = meta.get("provenance_problems") or []
+    if not problems:
+        return ""
+    return ("**NOT FROM A CLEAN BUILD OF A COMMIT** (" + str(meta.get("git")) + "): "
+            + "; ".join(str(p) for p in problems) + ".")
+
+
+def check_provenance(meta: Dict[str, object], out: Path, allow: bool) -> None:
+    """Results written under the checkout's benchmarks/results/ (the committed ones) must come
+    from a clean build of a commit: SystemExit naming the problems, unless ``allow`` (then,
+    as for results written anywhere else, a warning; the results carry the problems in their
+    metadata and a note at the top of their markdown)."""
+    note = provenance_note(meta)
+    if not note:
+        return
+    committed = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    target = out.resolve()
+    if not allow and (target == committed or committed in target.parents):
+        raise SystemExit(
+            f"refusing to write results into {committed}: {note} Commit, rebuild and rerun, "
+            f"or pass --allow-dirty to write them marked as such.")
+    print(f"warning: {note}", file=sys.stderr, flush=True)
 
 
 def metadata(device: str, command: str, settings: Dict[str, object]) -> Dict[str, object]:
@@ -367,10 +410,12 @@ METHOD_NOTE = """\
 
 def write_markdown(path: Path, meta: Dict[str, object], ops: Sequence[OpResult],
                    e2e: Sequence[E2EResult], plots: Sequence[str]) -> None:
-    parts = [f"# frozennorm benchmark: {meta['device_name']}", "",
-             f"{meta_line(meta)}; {meta['date']}; load average {meta['load_average']} at the "
-             f"start, {meta.get('load_average_end')} at the end; "
-             f"{meta.get('elapsed_s')} s.", "", f"`{meta['command']}`", ""]
+    parts = [f"# frozennorm benchmark: {meta['device_name']}", ""]
+    if provenance_note(meta):
+        parts += [provenance_note(meta), ""]
+    parts += [f"{meta_line(meta)}; commit {meta.get('git')}; {meta['date']}; load average "
+              f"{meta['load_average']} at the start, {meta.get('load_average_end')} at the end; "
+              f"{meta.get('elapsed_s')} s.", "", f"`{meta['command']}`", ""]
     if ops:
         parts += ["## Headline: frozennorm against each peer (geometric mean over shapes)", "",
                   table(SUMMARY_HEADERS, summary_rows(summary(ops)), markdown=True), ""]

@@ -1,0 +1,224 @@
+"""Frozen statistics, trainable affine parameters (mmdet's ``norm_eval=True`` with
+``requires_grad=True``): weight and bias are Parameters that train, the running statistics
+buffers that nothing changes; conversion, revert, fuse, fold, audit, checkpoints, DDP's
+buffer writes and mixed precision keep working with them."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import frozennorm
+from frozennorm import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d,
+                        FrozenBatchNorm3d, FrozenBatchNormAct2d, assert_frozen, audit,
+                        convert_frozen_bn, fold_frozen_bn, fuse, revert_frozen_bn)
+from frozennorm.convert import FrozenNormWarning
+
+from model_helpers import assert_close_rel, randomize_norm_stats_
+
+tvm = pytest.importorskip("torchvision.models")
+
+SHAPES = {FrozenBatchNorm1d: (4, 6, 5), FrozenBatchNorm2d: (2, 6, 5, 4),
+          FrozenBatchNorm3d: (2, 6, 3, 4, 2), FrozenBatchNormAct2d: (2, 6, 5, 4)}
+BNS = {FrozenBatchNorm1d: nn.BatchNorm1d, FrozenBatchNorm2d: nn.BatchNorm2d,
+       FrozenBatchNorm3d: nn.BatchNorm3d, FrozenBatchNormAct2d: nn.BatchNorm2d}
+
+
+def bn_and_frozen(frozen_cls, mode=True):
+    torch.manual_seed(0)
+    bn = randomize_norm_stats_(BNS[frozen_cls](6)).eval()
+    return bn, frozen_cls.from_batchnorm(copy.deepcopy(bn), trainable_affine=mode)
+
+
+@pytest.mark.parametrize("frozen_cls", list(SHAPES))
+def test_parameters_train_statistics_stay(frozen_cls):
+    bn, frozen = bn_and_frozen(frozen_cls)
+    assert frozen.trainable_affine and "trainable_affine=True" in repr(frozen)
+    assert [n for n, _ in frozen.named_parameters()] == ["weight", "bias"]
+    assert [n for n, _ in frozen.named_buffers()] == ["running_mean", "running_var"]
+    assert list(frozen.state_dict()) == ["weight", "bias", "running_mean", "running_var"]
+    stats = [b.clone() for b in frozen.buffers()]
+    x = torch.randn(SHAPES[frozen_cls]).double() * 3
+    frozen.double().train()
+    bn.double()
+    opt = torch.optim.SGD(frozen.parameters(), lr=0.1)
+    for _ in range(3):
+        xf, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, ref = frozen(xf), bn(xb)
+        torch.testing.assert_close(y, ref)
+        y.square().sum().backward()
+        ref.square().sum().backward()
+        torch.testing.assert_close(xf.grad, xb.grad)
+        torch.testing.assert_close(frozen.weight.grad, bn.weight.grad)
+        torch.testing.assert_close(frozen.bias.grad, bn.bias.grad)
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():  # the same step on the reference
+            for p in bn.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+    assert all(torch.equal(a, b.double()) for a, b in zip(frozen.buffers(), stats))
+    assert_frozen(frozen)  # statistics frozen: trainable affine is not a failure ...
+    with pytest.raises(frozennorm.NotFrozenError, match="weight/bias require grad"):
+        assert_frozen(frozen, params=True)  # ... unless asked about
+
+
+def test_casts_copies_and_scripting_keep_the_parameters():
+    bn, frozen = bn_and_frozen(FrozenBatchNorm2d)
+    weight = frozen.weight
+    frozen.half()
+    assert frozen.weight is weight and weight.dtype == torch.float32  # never below float32
+    assert frozen.running_mean.dtype == torch.float32
+    x = torch.randn(2, 6, 5, 4).half()
+    y = frozen(x)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert weight.grad.dtype == torch.float32
+    frozen.double()
+    assert frozen.weight is weight and weight.dtype == torch.float64
+    frozen.float()
+    for copied in (copy.deepcopy(frozen), pickle.loads(pickle.dumps(frozen))):
+        assert copied.trainable_affine and isinstance(copied.weight, nn.Parameter)
+        assert torch.equal(copied.weight, frozen.weight)
+    buf = io.BytesIO()
+    torch.save(frozen.state_dict(), buf)
+    buf.seek(0)
+    fresh = FrozenBatchNorm2d(6, trainable_affine=True)
+    fresh.load_state_dict(torch.load(buf))
+    fresh.load_state_dict(bn.state_dict())  # an nn.BatchNorm2d checkpoint
+    x = torch.randn(2, 6, 5, 4)
+    assert torch.equal(torch.jit.script(fresh)(x), fresh(x))
+
+
+def test_convert_modes():
+    torch.manual_seed(0)
+    model = randomize_norm_stats_(tvm.resnet18())
+    for p in model.layer1.parameters():  # a frozen stage, as mmdet's frozen_stages does
+        p.requires_grad_(False)
+    trainable_before = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    by_name = dict(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before converting
+
+    source = convert_frozen_bn(copy.deepcopy(model), trainable_affine="source")
+    assert sum(p.numel() for p in source.parameters() if p.requires_grad) == trainable_before
+    assert not source.layer1[0].bn1.weight.requires_grad and source.bn1.weight.requires_grad
+
+    everything = convert_frozen_bn(copy.deepcopy(model), trainable_affine=True)
+    assert everything.layer1[0].bn1.weight.requires_grad
+
+    converted = convert_frozen_bn(model, trainable_affine="source")  # in place
+    # the same Parameter objects: the optimizer built before converting keeps training them
+    assert converted.bn1.weight is by_name["bn1.weight"]
+    before = converted.bn1.weight.detach().clone()
+    converted.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(converted.bn1.weight, before)
+
+    with pytest.raises(ValueError, match="trainable_affine must be"):
+        convert_frozen_bn(tvm.resnet18(), trainable_affine="yes")
+
+
+def test_the_default_names_the_trainable_variant():
+    with pytest.warns(FrozenNormWarning, match=r'trainable_affine="source" to keep them trainable'):
+        convert_frozen_bn(randomize_norm_stats_(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))))
+
+
+def test_revert_round_trip_keeps_the_parameters():
+    torch.manual_seed(0)
+    model = randomize_norm_stats_(tvm.resnet18()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    params = dict(model.named_parameters())
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    converted = convert_frozen_bn(model, trainable_affine="source")
+    reverted = revert_frozen_bn(converted).eval()
+    assert all(p is params[n] for n, p in reverted.named_parameters())
+    assert all(torch.equal(v, reverted.state_dict()[k]) for k, v in stats.items())
+    with torch.no_grad():
+        assert torch.equal(reverted(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_model_gives_the_unfused_gradients(dtype):
+    """fuse() on a trainable-affine model: BN + add + ReLU in one pass each way, with the
+    weight and bias gradients of the unfused model (the same fused reduction: bit for bit)."""
+    torch.manual_seed(0)
+    model = convert_frozen_bn(randomize_norm_stats_(tvm.resnet18()), trainable_affine=True)
+    model = model.to(dtype).train()
+    fused, rep = fuse(model, report=True)
+    assert rep.count() == 17
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    results = []
+    for m in (model, fused):
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        out = m(xx)
+        out.float().square().mean().backward()
+        results.append((out, xx.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (out, gx, gp), (out_f, gx_f, gp_f) = results
+    assert torch.equal(out_f, out) and torch.equal(gx_f, gx)
+    assert list(gp_f) == list(gp)
+    assert all(torch.equal(gp_f[n], gp[n]) for n in gp), "parameter gradients differ"
+
+
+def test_training_fold_keeps_the_parameters_trainable():
+    torch.manual_seed(0)
+    model = convert_frozen_bn(randomize_norm_stats_(tvm.resnet18()), trainable_affine=True)
+    model = model.double().train()
+    folded = fold_frozen_bn(model, "training")
+    assert [n for n, _ in folded.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(folded.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grads = []
+    for m in (model, folded):
+        m.zero_grad()
+        m(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-9, atol=1e-12, msg=n)
+    deploy = fold_frozen_bn(folded.eval())
+    with torch.no_grad():
+        assert_close_rel(deploy(x), model.eval()(x), 1e-9)
+
+
+def test_audit_shows_frozen_statistics_and_trainable_parameters():
+    model = convert_frozen_bn(randomize_norm_stats_(tvm.resnet18()), trainable_affine=True).train()
+    rows = audit(model)
+    assert all(r.frozen and not r.updates_stats and r.weight_requires_grad for r in rows)
+    assert "20 frozen, 0 will update" in str(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_trains_weight_and_bias(dtype):
+    """The seed's case on the CPU: a BatchNorm kept in eval mode whose affine parameters
+    train under mixed precision (torch.autocast): finite float32 gradients."""
+    torch.manual_seed(0)
+    model = convert_frozen_bn(randomize_norm_stats_(tvm.resnet18()), trainable_affine=True).train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype
+    out.float().square().mean().backward()
+    for name in ("bn1.weight", "bn1.bias", "layer4.1.bn2.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all()
+        assert grad.abs().sum() > 0
+
+
+def test_network_to_half_style_cast_trains_weight_and_bias():
+    """apex's network_to_half recipe with plain torch: the model cast to half, BatchNorm kept
+    in eval mode while the rest trains (cuDNN has no eval-mode BatchNorm backward there).
+    Converted, the statistics and weight/bias stay float32 and train."""
+    torch.manual_seed(0)
+    model = convert_frozen_bn(randomize_norm_stats_(tvm.resnet18()), trainable_affine=True)
+    model = model.half().train()
+    assert model.bn1.weight.dtype == torch.float32 and model.conv1.weight.dtype == torch.float16
+    x = torch.randn(2, 3, 32, 32).half().requires_grad_()
+    model(x).float().square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert torch.isfinite(model.bn1.weight.grad).all() and model.bn1.bias.grad.abs().sum() > 0
+
