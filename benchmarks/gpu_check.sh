@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, in stages that fit a 15-minute GPU window (machine start-up included; one
-# command runs at most 10 minutes). On the GPU machine, from the checkout (torch with CUDA,
+# The GPU check, in stages of at most 10 minutes each (one command's limit): stages 1 and 3
+# fit one 15-minute GPU window with the machine's start-up, stage 2 a second one. On the GPU machine, from the checkout (torch with CUDA,
 # nvcc, pytest, hypothesis, torchvision, timm; no network):
 #
 #   bash benchmarks/gpu_check.sh OUT 1   build for this GPU's arch on all cores, the static
@@ -9,7 +9,8 @@
 #                                        kernels) and initcheck on the kernel driver,
 #                                        racecheck and synccheck on its affine part  ~6-7 min
 #   bash benchmarks/gpu_check.sh OUT 3   the kernels' bandwidth, the quick op-level benchmark
-#                                        (no torch.compile), one end-to-end case       ~3 min
+#                                        (no torch.compile), the trainable-affine op
+#                                        against BatchNorm, one end-to-end case       ~3 min
 #   bash benchmarks/gpu_check.sh OUT     1, 2 and 3 in turn
 #
 # The estimates, and what they rest on, are in benchmarks/README.md ("CUDA: the GPU check").
@@ -82,8 +83,11 @@ stage3() {  # the predictions of benchmarks/README.md ("CUDA") against the GPU
     run "$PY" benchmarks/cuda_kernels.py --out "$OUT/kernels"
     run "$PY" -m frozennorm.bench --device cuda --ops-only \
         --contenders clone,frozennorm,bn_eval,torchvision,detectron2 --no-progress --out "$OUT/bench_ops"
+    run "$PY" benchmarks/affine_backward.py --device cuda --shape det-c3,cls-c3,cls-c5 \
+        --dtype float32,bfloat16 --out "$OUT/affine"
     run "$PY" -m frozennorm.bench --device cuda --e2e-only --e2e-model fpn --e2e-mode training \
-        --e2e-dtype bfloat16 --no-progress --out "$OUT/bench_e2e"
+        --e2e-dtype bfloat16 --no-progress --out "$OUT/bench_e2e" \
+        --e2e-variants bn_eval,torchvision,frozennorm,frozennorm_fold,bn_eval_affine,frozennorm_affine,frozennorm_affine_fuse
 }
 
 DRY=0
