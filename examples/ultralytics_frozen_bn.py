@@ -125,7 +125,8 @@ def main(argv=None) -> Dict[str, object]:
         unconverted = YOLO(args.model).model.float()
         before = statistics(unconverted, scope)
         x = torch.rand(1, 3, args.imgsz, args.imgsz, generator=torch.Generator().manual_seed(0))
-        converted = convert_frozen_bn(copy.deepcopy(unconverted), include=scope)
+        converted = convert_frozen_bn(copy.deepcopy(unconverted), include=scope,
+                                      trainable_affine=False)
         converted_vs_unconverted = relative_difference(predictions(converted, x),
                                                        predictions(unconverted, x))
 
