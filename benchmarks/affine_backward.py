@@ -33,7 +33,7 @@ import torch
 import frozennorm
 from frozennorm.bench.cases import DTYPES, LAYOUTS, SHAPES, shape_str
 from frozennorm.bench.memory import forward_footprint
-from frozennorm.bench.report import fmt_ratio, fmt_time, geomean, load_average, metadata, table
+from frozennorm.bench.report import check_provenance, fmt_ratio, provenance_note, fmt_time, geomean, load_average, metadata, table
 from frozennorm.bench.timing import BUSY_LOAD, configure_cpu_malloc, make_timer, timed_rounds
 
 #: the benchmark's presets of at least 1 MB in float16/bfloat16 (as benchmarks/cpu_kernels.py)
@@ -149,6 +149,7 @@ def write(out_dir, meta: Dict, rows: Sequence[Dict]) -> None:
     (out_dir / "affine.md").write_text(
         "# Trainable affine, frozen statistics: forward + backward on "
         f"{'the CPU' if meta['device'] == 'cpu' else meta['device_name']}\n\n"
+        + (f"{provenance_note(meta)}\n\n" if provenance_note(meta) else "")
         f"{meta['cpu_model']}, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
         f"CPU kernels' capability {meta['capability']}; {meta['date']}; load average "
         f"{load[0]} at the start, {load[1]} at the end; {meta['elapsed_s']} s.\n\n"
@@ -181,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--out", type=Path)
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write into benchmarks/results/ from uncommitted changes (marked so)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = metadata(args.device, "python benchmarks/affine_backward.py " + shlex.join(argv_used),
                     settings)
     meta["capability"] = torch.ops.frozennorm._cpu_capability()
+    if args.out:
+        check_provenance(meta, args.out, args.allow_dirty)
     rows = run(split(args.shape), split(args.dtype), split(args.layout), args.repeat,
                args.min_run_time, args.busy_retries, args.device)
     meta["elapsed_s"] = round(time.monotonic() - start, 1)

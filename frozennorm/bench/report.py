@@ -263,7 +263,10 @@ def source_state() -> Dict[str, object]:
     state: Dict[str, object] = {"git": None, "extension_built": None}
     problems: List[str] = []
     try:
-        dirty = _git(package, "status", "--porcelain", "--untracked-files=no")
+        # (the committed results themselves are not sources: one run rewriting them does
+        # not make the next one's numbers belong to no commit)
+        dirty = _git(package, "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                     ":(top,exclude)benchmarks/results")
         state["git"] = _git(package, "rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
         if dirty:
             problems.append(f"the checkout has uncommitted changes (git status in "
