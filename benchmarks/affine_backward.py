@@ -150,7 +150,7 @@ def write(out_dir, meta: Dict, rows: Sequence[Dict]) -> None:
         "# Trainable affine, frozen statistics: forward + backward on "
         f"{'the CPU' if meta['device'] == 'cpu' else meta['device_name']}\n\n"
         + (f"{provenance_note(meta)}\n\n" if provenance_note(meta) else "")
-        f"{meta['cpu_model']}, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
+        + f"{meta['cpu_model']}, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
         f"CPU kernels' capability {meta['capability']}; {meta['date']}; load average "
         f"{load[0]} at the start, {load[1]} at the end; {meta['elapsed_s']} s.\n\n"
         f"`{meta['command']}`\n\n"
