@@ -290,6 +290,30 @@ def test_same_bits_for_any_thread_count(dtype, layout):
         check_against_oracle(*args, act, out=results[0])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_outputs_stream_with_the_same_bits(layout):
+    """Outputs of 16 MiB and more are written with non-temporal stores (planes whose runs
+    start aligned, channels-last rows): the input gradient is still exactly
+    round(grad * scale), the sums the same bits on 1 and 2 threads and within the oracle's
+    bounds. 2x64x200x168 float32 with a residual gradient: 2 x 17.2 MB of outputs."""
+    args = case([2, 64, 200, 168], torch.float32, layout, IDENTITY, seed=4)
+    g, x, saved, mean, scale = args
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(affine_backward(*args, IDENTITY, True, True))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    grad_input, grad_residual = results[0][:2]
+    assert torch.equal(grad_input, g * scale.view(1, -1, 1, 1))
+    assert torch.equal(grad_residual, g)
+    check_against_oracle(*args, IDENTITY, out=results[0])
+
+
 # ---- the ops that call it: autograd, opcheck, errors ---------------------------------------
 
 def test_gradcheck_frozen_bn_and_frozen_bn_act_with_trainable_affine():

@@ -30,6 +30,12 @@ constexpr int64_t kMaxDepth = 1 << 10;
 // ...and a plane's run in a tile is at most this long (kMaxDepth per lane of an 8-lane
 // float vector, the narrowest build's).
 constexpr int64_t kMaxRun = kMaxDepth * 8;
+// Channels-last rows are summed this many at a time in registers, then into the partials
+// (one load and store of the partials per kRowBlock rows, not per row).
+constexpr int64_t kRowBlock = 4;
+// Plane runs are a multiple of this many elements (a whole number of streaming-store widths
+// for every dtype), so that runs start as aligned as their planes do.
+constexpr int64_t kRunMultiple = 32;
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
@@ -47,7 +53,9 @@ struct Tiles {
 
   Tiles(int64_t numel, int64_t C_, int64_t inner_) : C(C_), inner(inner_) {
     outer = numel / (C * inner);
-    inner_step = ceil_div(inner, ceil_div(inner, kMaxRun));  // equal runs of at most kMaxRun
+    // about equal runs of at most kMaxRun, a multiple of kRunMultiple where the planes are
+    inner_step = std::min(inner, ceil_div(ceil_div(inner, ceil_div(inner, kMaxRun)), kRunMultiple) *
+                                     kRunMultiple);
     const int64_t cross_section = inner_step * C;  // one outer index, every channel
     // several outer indices where they are small (channels-last rows: inner_step == 1), but
     // at most kMaxDepth values of a channel (the element-by-element path adds them in turn)
@@ -94,19 +102,26 @@ struct AffineBackwardOp {
     sum_gx = fma_scalar(ga, static_cast<acc_t>(input[k]) - m, sum_gx);
   }
 
+  // Whether the outputs at flat offset k are aligned for streaming stores.
+  bool aligned(int64_t k) const {
+    return (grad_input == nullptr || aligned_at(grad_input + k)) &&
+        (grad_residual == nullptr || aligned_at(grad_residual + k));
+  }
+
   // IO::kStep elements at k, the terms added lane by lane; with kMasked only the lanes set in
-  // `keep` add theirs (the rest: a vector that overlaps the one before).
-  template <bool kMasked>
+  // `keep` add theirs (the rest: a vector that overlaps the one before). kStream: the outputs
+  // with non-temporal stores (k aligned).
+  template <bool kMasked, bool kStream = false>
   FROZENNORM_ALWAYS_INLINE void step(int64_t k, const V* m, const V* s, V* sum_g, V* sum_gx,
                                      const V* keep) const {
     if constexpr (IO::kVectorized) {
       V g[kParts];
       Grad::vec(grad, saved, k, g);
-      if (grad_residual != nullptr) IO::template store<false>(grad_residual + k, g);
+      if (grad_residual != nullptr) IO::template store<kStream>(grad_residual + k, g);
       if (grad_input != nullptr) {
         V out[kParts];
         for (int part = 0; part < kParts; ++part) out[part] = g[part] * s[part];
-        IO::template store<false>(grad_input + k, out);
+        IO::template store<kStream>(grad_input + k, out);
       }
       V x[kParts];
       IO::load(input + k, x);
@@ -150,11 +165,12 @@ FROZENNORM_ALWAYS_INLINE typename V::value_type lanes_sum(const V* v) {
 // A tile of NCHW-like planes (inner > 1): channel by channel, its runs of inner_step
 // positions in each of its outer indices summed into vector lanes (a last vector that would
 // be partial overlaps the one before, its repeated lanes masked), element by element where
-// a run is shorter than a vector.
+// a run is shorter than a vector. With `stream`, the whole vectors of a run whose outputs
+// start aligned are written with non-temporal stores.
 template <typename Op>
 void plane_tile(const Op& op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
-                int64_t i0, const typename Op::acc_t* mean, const typename Op::acc_t* scale,
-                typename Op::acc_t* row) {
+                int64_t i0, bool stream, const typename Op::acc_t* mean,
+                const typename Op::acc_t* scale, typename Op::acc_t* row) {
   using acc_t = typename Op::acc_t;
   using IO = typename Op::IO;
   using V = typename IO::AccVec;
@@ -175,8 +191,14 @@ void plane_tile(const Op& op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0
         if (tail != 0) lanes_from<IO>(IO::kStep - tail, keep);
         for (int64_t o = o0; o < o1; ++o) {
           const int64_t k = (o * t.C + c) * t.inner + i0;
-          for (int64_t j = 0; j + IO::kStep <= n; j += IO::kStep) {
-            op.template step<false>(k + j, m, s, vg, vgx, keep);
+          if (stream && op.aligned(k)) {
+            for (int64_t j = 0; j + IO::kStep <= n; j += IO::kStep) {
+              op.template step<false, true>(k + j, m, s, vg, vgx, keep);
+            }
+          } else {
+            for (int64_t j = 0; j + IO::kStep <= n; j += IO::kStep) {
+              op.template step<false>(k + j, m, s, vg, vgx, keep);
+            }
           }
           if (tail != 0) op.template step<true>(k + n - IO::kStep, m, s, vg, vgx, keep);
         }
@@ -195,12 +217,14 @@ void plane_tile(const Op& op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0
   }
 }
 
-// A tile of channels-last rows (inner == 1): row by row, channels [c0, c1) as vectors whose
-// lanes add into the row of partials itself (each lane one channel), the last vector
-// overlapping the one before; element by element where the channels are fewer than a vector.
+// A tile of channels-last rows (inner == 1): kRowBlock rows at a time, channels [c0, c1) as
+// vectors (each lane one channel) summed in registers over those rows, then added to the
+// row of partials; the last vector of a row overlaps the one before (its repeated lanes
+// masked). Element by element where the channels are fewer than a vector. With `stream`,
+// where every row's outputs start aligned, whole vectors use non-temporal stores.
 template <typename Op>
 void row_tile(const Op& op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
-              const typename Op::acc_t* mean, const typename Op::acc_t* scale,
+              bool stream, const typename Op::acc_t* mean, const typename Op::acc_t* scale,
               typename Op::acc_t* row) {
   using acc_t = typename Op::acc_t;
   using IO = typename Op::IO;
@@ -214,28 +238,35 @@ void row_tile(const Op& op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, 
       V keep[Op::kParts];
       const int64_t tail = n % IO::kStep;
       if (tail != 0) lanes_from<IO>(IO::kStep - tail, keep);
-      auto block = [&](auto masked, int64_t k, int64_t c) {
+      auto block = [&](auto masked, auto streamed, int64_t o, int64_t rows, int64_t c) {
         V m[Op::kParts], s[Op::kParts], vg[Op::kParts], vgx[Op::kParts];
         for (int part = 0; part < Op::kParts; ++part) {
           const int64_t ch = c + part * V::size();
           m[part] = V::loadu(mean + ch);
           s[part] = V::loadu(scale + ch);
-          vg[part] = V::loadu(row + ch);
-          vgx[part] = V::loadu(row + C + ch);
+          vg[part] = vgx[part] = V(acc_t(0));
         }
-        op.template step<decltype(masked)::value>(k + c, m, s, vg, vgx, keep);
+        for (int64_t r = 0; r < rows; ++r) {
+          op.template step<decltype(masked)::value, decltype(streamed)::value>(
+              (o + r) * C + c, m, s, vg, vgx, keep);
+        }
         for (int part = 0; part < Op::kParts; ++part) {
           const int64_t ch = c + part * V::size();
-          vg[part].store(row + ch);
-          vgx[part].store(row + C + ch);
+          (V::loadu(row + ch) + vg[part]).store(row + ch);
+          (V::loadu(row + C + ch) + vgx[part]).store(row + C + ch);
         }
       };
-      for (int64_t o = o0; o < o1; ++o) {
-        const int64_t k = o * C;
+      const bool streams = stream && op.aligned(o0 * C + c0) && op.aligned(o0 * C + c0 + C);
+      for (int64_t o = o0; o < o1; o += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, o1 - o);
         for (int64_t c = c0; c + IO::kStep <= c1; c += IO::kStep) {
-          block(std::false_type{}, k, c);
+          if (streams) {
+            block(std::false_type{}, std::true_type{}, o, rows, c);
+          } else {
+            block(std::false_type{}, std::false_type{}, o, rows, c);
+          }
         }
-        if (tail != 0) block(std::true_type{}, k, c1 - IO::kStep);
+        if (tail != 0) block(std::true_type{}, std::false_type{}, o, rows, c1 - IO::kStep);
       }
       return;
     }
@@ -245,16 +276,25 @@ void row_tile(const Op& op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, 
   }
 }
 
-// partials: t.rows() rows of width values, added pairwise into the first in a fixed order.
+// partials: `rows` rows of `width` values, added pairwise into the first in a fixed order,
+// column by column: the same whatever the columns' split among threads.
 template <typename acc_t>
 void add_rows_pairwise(acc_t* partials, int64_t rows, int64_t width) {
-  for (int64_t stride = 1; stride < rows; stride *= 2) {
-    for (int64_t r = 0; r + stride < rows; r += 2 * stride) {
-      acc_t* to = partials + r * width;
-      const acc_t* from = to + stride * width;
-      for (int64_t j = 0; j < width; ++j) to[j] += from[j];
+  using V = Vectorized<acc_t>;
+  const int64_t grain = std::max<int64_t>(V::size(), kTileElements / std::max<int64_t>(rows, 1));
+  at::parallel_for(0, width, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t stride = 1; stride < rows; stride *= 2) {
+      for (int64_t r = 0; r + stride < rows; r += 2 * stride) {
+        acc_t* to = partials + r * width;
+        const acc_t* from = to + stride * width;
+        int64_t j = begin;
+        for (; j + V::size() <= end; j += V::size()) {
+          (V::loadu(to + j) + V::loadu(from + j)).store(to + j);
+        }
+        for (; j < end; ++j) to[j] += from[j];
+      }
     }
-  }
+  });
 }
 
 inline void affine_backward_impl(const AffineBackwardProblem& p) {
@@ -273,6 +313,10 @@ inline void affine_backward_impl(const AffineBackwardProblem& p) {
                   static_cast<const scalar_t*>(p.saved), static_cast<scalar_t*>(p.grad_input),
                   static_cast<scalar_t*>(p.grad_residual)};
       const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / tiles.elements());
+      // non-temporal stores for outputs too large to stay in the caches, from aligned bases
+      const int64_t out_bytes = p.numel * static_cast<int64_t>(sizeof(scalar_t)) *
+          ((p.grad_input != nullptr) + (p.grad_residual != nullptr));
+      const bool stream = out_bytes >= kStreamBytes && op.aligned(0);
       at::parallel_for(0, tiles.count(), grain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t b = i % tiles.inner_tiles;
@@ -282,11 +326,12 @@ inline void affine_backward_impl(const AffineBackwardProblem& p) {
           const int64_t c0 = cb * tiles.channel_step, c1 = std::min(c0 + tiles.channel_step, C);
           acc_t* row = partials.get() + (a * tiles.inner_tiles + b) * 2 * C;
           if (tiles.inner == 1) {
-            row_tile(op, tiles, o0, o1, c0, c1, mean, scale, row);
+            row_tile(op, tiles, o0, o1, c0, c1, stream, mean, scale, row);
           } else {
-            plane_tile(op, tiles, o0, o1, c0, c1, b * tiles.inner_step, mean, scale, row);
+            plane_tile(op, tiles, o0, o1, c0, c1, b * tiles.inner_step, stream, mean, scale, row);
           }
         }
+        if (stream) stream_fence();
       });
     });
     add_rows_pairwise(partials.get(), tiles.rows(), 2 * C);
