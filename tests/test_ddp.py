@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,27 @@ def _worker(rank: int, port: int, out_dir: str, trainable_affine: bool = False) 
         # both ranks done with every collective before either tears gloo down (a rank that
         # closed its connections while the other was still finishing aborted it, once)
         dist.barrier()
+        _done(out_dir, rank)
     finally:
         dist.destroy_process_group()
+
+
+def _done(out_dir: str, rank: int) -> None:
+    """Marks that ``rank`` passed the last barrier: every collective and result is done."""
+    (Path(out_dir) / f"rank{rank}.done").touch()
+
+
+def _spawn(worker, port: int, out_dir: str, *args) -> None:
+    """Runs ``worker`` on WORLD processes. Under load gloo sometimes aborts a rank while it
+    tears its connections down after the last barrier ("terminate called without an active
+    exception", SIGABRT): once every rank has passed that barrier (its results written), such
+    a crash is gloo's teardown, not what these tests check; any other failure is raised."""
+    try:
+        mp.spawn(worker, args=(port, out_dir, *args), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException:
+        if not all((Path(out_dir) / f"rank{r}.done").exists() for r in range(WORLD)):
+            raise
+        warnings.warn("a rank aborted in gloo's teardown after the last barrier")
 
 
 def _free_port() -> int:
@@ -121,8 +141,7 @@ def _free_port() -> int:
 def test_ddp_buffer_sync_two_forwards_one_backward(tmp_path, trainable_affine):
     """Fully frozen, and with trainable weight/bias (their gradients all-reduced, the
     statistics untouched)."""
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), trainable_affine), nprocs=WORLD,
-             join=True)
+    _spawn(_worker, _free_port(), str(tmp_path), trainable_affine)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["frozen_layers"] == 4
@@ -192,6 +211,7 @@ def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
         torch.save({"params": full, "stats_unchanged": torch.equal(_flat(net.buffers()), stats0)},
                    Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
+        _done(out_dir, rank)
     finally:
         dist.destroy_process_group()
 
@@ -202,7 +222,7 @@ def test_fsdp2_shards_and_trains_the_affine_parameters(tmp_path):
     any parameter (the same result as one process on both ranks' data), the statistics
     untouched."""
     pytest.importorskip("torch.distributed.fsdp")
-    mp.spawn(_fsdp2_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    _spawn(_fsdp2_worker, _free_port(), str(tmp_path))
     reference, initial = _fsdp2_net(), _fsdp2_net()
     opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     batch = torch.cat([_fsdp2_batch(r) for r in range(WORLD)])
