@@ -7,6 +7,25 @@ import torch
 from torch import nn
 
 
+def _set_norm_layers_(model: nn.Module, seed: int, fill: Callable) -> nn.Module:
+    """``fill(m, mean, var, weight, bias, generator)`` on every BatchNorm-like layer (live or
+    frozen, any library: whatever holds running_mean and running_var tensors; weight and bias
+    None where it has none), one generator seeded with ``seed``; ``num_batches_tracked`` 7."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+            if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)):
+                continue
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            fill(m, mean, var, w if isinstance(w, torch.Tensor) else None,
+                 b if isinstance(b, torch.Tensor) else None, g)
+            nbt = getattr(m, "num_batches_tracked", None)
+            if isinstance(nbt, torch.Tensor):
+                nbt.fill_(7)
+    return model
+
+
 def randomize_norm_stats_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random running statistics, weight and bias in every BatchNorm-like layer (live or
     frozen, any library), so that freezing them really matters; ``num_batches_tracked`` 7.
@@ -15,29 +34,18 @@ def randomize_norm_stats_(model: nn.Module, seed: int = 0) -> nn.Module:
     many channels; means have random signs and magnitudes log-uniform over [0.01, 100]; the
     weight is sqrt(var + eps) times +-[0.3, 1], so that each layer's gain stays below one and
     deep models keep finite, comparable outputs (scale = weight / sqrt(var + eps))."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-            if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)):
-                continue
-            c = mean.numel()
-            sign = lambda: torch.where(torch.rand(c, generator=g) < 0.5, -1.0, 1.0)
-            mean.copy_(sign() * 10 ** torch.empty(c).uniform_(-2, 2, generator=g))
-            v = 10 ** torch.empty(c, dtype=torch.float64).uniform_(-6, 0.3, generator=g)
-            var.copy_(v)
-            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-            if isinstance(w, torch.Tensor):
-                eps = float(getattr(m, "eps", 1e-5))
-                gain = torch.empty(c, dtype=torch.float64).uniform_(0.3, 1.0, generator=g)
-                w.copy_(sign().double() * gain * torch.sqrt(var.double() + eps))
-            if isinstance(b, torch.Tensor):
-                b.copy_(torch.randn(c, generator=g) * 0.2)
-            nbt = getattr(m, "num_batches_tracked", None)
-            if isinstance(nbt, torch.Tensor):
-                nbt.fill_(7)
-    return model
-
+    def fill(m, mean, var, w, b, g):
+        c = mean.numel()
+        sign = lambda: torch.where(torch.rand(c, generator=g) < 0.5, -1.0, 1.0)  # noqa: E731
+        mean.copy_(sign() * 10 ** torch.empty(c).uniform_(-2, 2, generator=g))
+        var.copy_(10 ** torch.empty(c, dtype=torch.float64).uniform_(-6, 0.3, generator=g))
+        if w is not None:
+            eps = float(getattr(m, "eps", 1e-5))
+            gain = torch.empty(c, dtype=torch.float64).uniform_(0.3, 1.0, generator=g)
+            w.copy_(sign().double() * gain * torch.sqrt(var.double() + eps))
+        if b is not None:
+            b.copy_(torch.randn(c, generator=g) * 0.2)
+    return _set_norm_layers_(model, seed, fill)
 
 
 def tame_norm_stats_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -45,23 +53,15 @@ def tame_norm_stats_(model: nn.Module, seed: int = 0) -> nn.Module:
     weights in [0.5, 1.5], biases N(0, 0.2)), for tests that train several SGD steps:
     randomize_norm_stats_'s variances down to 1e-6 normalise inputs to ~1e3, and the
     weights' gradients then blow a few steps up to inf."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-            if not (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)):
-                continue
-            mean.normal_(0, 0.5, generator=g)
-            var.uniform_(0.5, 2.0, generator=g)
-            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-            if isinstance(w, torch.Tensor):
-                w.uniform_(0.5, 1.5, generator=g)
-            if isinstance(b, torch.Tensor):
-                b.normal_(0, 0.2, generator=g)
-            nbt = getattr(m, "num_batches_tracked", None)
-            if isinstance(nbt, torch.Tensor):
-                nbt.fill_(7)
-    return model
+    def fill(m, mean, var, w, b, g):
+        mean.normal_(0, 0.5, generator=g)
+        var.uniform_(0.5, 2.0, generator=g)
+        if w is not None:
+            w.uniform_(0.5, 1.5, generator=g)
+        if b is not None:
+            b.normal_(0, 0.2, generator=g)
+    return _set_norm_layers_(model, seed, fill)
+
 
 _STOCHASTIC_NAMES = {"StochasticDepth", "DropPath", "DropBlock2d"}
 
