@@ -258,7 +258,7 @@ void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0,
   const int64_t n = std::min(t.inner_step, t.inner - i0);
   std::fill(row + c0, row + c1, acc_t(0));
   std::fill(row + t.C + c0, row + t.C + c1, acc_t(0));
-  const bool streams = stream && n >= 8 * kStreamAlign;
+  const bool streams = stream && n >= kMinStreamRun;
   using IO = typename Op::IO;
   typename IO::AccVec keep[Op::kParts];
   if constexpr (IO::kVectorized) {
@@ -375,7 +375,7 @@ void row_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, i
       const int64_t tail = width % IO::kStep;
       if (tail != 0) lanes_from<IO>(IO::kStep - tail, keep);
       const bool aligned_rows = op.aligned(o0 * C + c0) && op.aligned((o0 + 1) * C + c0);
-      if (!stream || !(aligned_rows || width >= 8 * kStreamAlign)) {
+      if (!stream || !(aligned_rows || width >= kMinStreamRun)) {
         row_rows<false>(op, o0, o1, c0, c1, C, mean, scale, g, gx, keep);
       } else if (aligned_rows) {
         row_rows<true>(op, o0, o1, c0, c1, C, mean, scale, g, gx, keep);

@@ -74,6 +74,9 @@ constexpr int64_t kStreamAlign = 64;
 #else
 constexpr int64_t kStreamAlign = 32;
 #endif
+// A run whose outputs may start unaligned takes streaming stores only from this many
+// elements on: enough to amortise its scalar start and end.
+constexpr int64_t kMinStreamRun = 8 * kStreamAlign;
 constexpr int64_t kSmallPlane = 256;
 
 // a * b + c, rounded once where the build has FMA (as the vector path's fmadd is).
@@ -452,7 +455,7 @@ void walk_dense(const DenseProblem& p, const Op& op) {
     for (int64_t k = begin; k < end;) {
       // a run is the rest of a row of C channels (inner == 1) or of a plane of one channel
       const int64_t len = inner == 1 ? std::min(C - c, end - k) : std::min(inner - pos, end - k);
-      const bool stream = p.stream && (aligned_rows || len >= 8 * kStreamAlign);
+      const bool stream = p.stream && (aligned_rows || len >= kMinStreamRun);
       if (inner == 1) {
         stream ? walk_run<true, true>(op, k, len, c, mean, scale, shift)
                : walk_run<true, false>(op, k, len, c, mean, scale, shift);
