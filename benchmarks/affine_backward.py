@@ -33,7 +33,8 @@ import torch
 import frozennorm
 from frozennorm.bench.cases import DTYPES, LAYOUTS, SHAPES, shape_str
 from frozennorm.bench.memory import forward_footprint
-from frozennorm.bench.report import check_provenance, fmt_ratio, provenance_note, fmt_time, geomean, load_average, metadata, table
+from frozennorm.bench.report import (check_provenance, fmt_ratio, fmt_time, geomean, load_average,
+                                     metadata, provenance_note, table)
 from frozennorm.bench.timing import BUSY_LOAD, configure_cpu_malloc, make_timer, timed_rounds
 
 #: the benchmark's presets of at least 1 MB in float16/bfloat16 (as benchmarks/cpu_kernels.py)
