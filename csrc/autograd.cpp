@@ -78,29 +78,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_affine_backward(
   return op.call(grad_output, input, saved, mean, scale, activation, input_grad, residual_grad);
 }
 
+// 1 / sqrt(var + eps) in acc, differentiable. eps goes in as a 0-dim CPU tensor of dtype acc
+// (a scalar operand on any device): a double would be wrapped and cast on every call.
+at::Tensor invstd_of(const at::Tensor& var, double eps, at::ScalarType acc) {
+  const at::Tensor v = var.to(acc);
+  return at::rsqrt(v + at::scalar_tensor(eps, at::TensorOptions().dtype(acc)));
+}
+
 // When statistics require grad (trainable affine parameters, or functional use), a backward
 // needs the forward's input and the statistics too. Saved as
-// {scale, saved, input, weight, mean, var} (saved: the activation's tensor, or undefined).
-// The running statistics are saved as copies unless they require grad themselves: DDP
-// overwrites module buffers in place between forwards, which would fail the backward.
+// {scale, saved, input, weight, mean, var or invstd} (saved: the activation's tensor, or
+// undefined). The running mean is saved as a copy unless it requires grad itself: DDP
+// overwrites module buffers in place between forwards, which would fail the backward. The
+// variance is needed only as 1 / sqrt(var + eps), computed here (a new tensor, no copy)
+// unless var requires grad: then var itself, and the backward differentiates that formula.
 bool save_statistics(AutogradContext* ctx, const at::Tensor& scale, const at::Tensor& saved,
                      const at::Tensor& input, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& mean,
                      const at::Tensor& var, double eps) {
   const bool stats_grad = requires_grad(weight) || requires_grad(bias) || mean.requires_grad() ||
       var.requires_grad();
-  ctx->saved_data["eps"] = eps;
   ctx->saved_data["stats_grad"] = stats_grad;
   if (stats_grad) {
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["bias_dtype"] =
         bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
-    auto kept = [](const at::Tensor& t) { return t.requires_grad() ? t : t.detach().clone(); };
-    ctx->save_for_backward({scale, saved, input, weight.has_value() ? *weight : at::Tensor(),
-                            kept(mean), kept(var)});
+    ctx->saved_data["var_dtype"] = var.scalar_type();
+    ctx->save_for_backward(
+        {scale, saved, input, weight.has_value() ? *weight : at::Tensor(),
+         mean.requires_grad() ? mean : mean.detach().clone(),
+         var.requires_grad() ? var : invstd_of(var.detach(), eps, scale.scalar_type())});
   } else {
     ctx->save_for_backward({scale, saved});
   }
   return stats_grad;
+}
+
+// 1 / sqrt(var + eps) from what save_statistics kept (the last saved tensor).
+at::Tensor saved_invstd(AutogradContext* ctx, const at::Tensor& kept, at::ScalarType acc) {
+  if (!kept.requires_grad()) return kept;
+  return invstd_of(kept, ctx->saved_data["eps"].toDouble(), acc);
 }
 
 // The gradients of weight, bias, running_mean, running_var (into out[first..first + 3],
@@ -110,14 +127,15 @@ bool save_statistics(AutogradContext* ctx, const at::Tensor& scale, const at::Te
 void statistics_grads(AutogradContext* ctx, variable_list& out, size_t first,
                       const at::Tensor& sum_grad, const at::Tensor& sum_centered,
                       const at::Tensor& scale, const at::Tensor& invstd, const at::Tensor& weight,
-                      const at::Tensor& mean, const at::Tensor& var) {
+                      const at::Tensor& mean) {
   if (needs_grad(ctx, first)) out[first] = (sum_centered * invstd).to(weight.scalar_type());
   if (needs_grad(ctx, first + 1)) {
     out[first + 1] = sum_grad.to(ctx->saved_data["bias_dtype"].toScalarType());
   }
   if (needs_grad(ctx, first + 2)) out[first + 2] = (-sum_grad * scale).to(mean.scalar_type());
   if (needs_grad(ctx, first + 3)) {
-    out[first + 3] = (sum_centered * scale * invstd * invstd * -0.5).to(var.scalar_type());
+    out[first + 3] = (sum_centered * scale * invstd * invstd * -0.5)
+                         .to(ctx->saved_data["var_dtype"].toScalarType());
   }
 }
 
@@ -146,27 +164,24 @@ class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
       return {need_input ? call_backward(grad, saved[0]) : at::Tensor(), at::Tensor(),
               at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    const double eps = ctx->saved_data["eps"].toDouble();
     const at::Tensor &forward_scale = saved[0], &input = saved[2], &weight = saved[3],
-                     &mean = saved[4], &var = saved[5];
+                     &mean = saved[4];
     const at::ScalarType acc = forward_scale.scalar_type();
-    const at::Tensor std = (var.to(acc) + eps).sqrt();
-    const at::Tensor invstd = std.reciprocal();
+    const at::Tensor invstd = saved_invstd(ctx, saved[5], acc);
     variable_list out(6);
     if (!at::GradMode::is_enabled()) {  // one fused pass
       auto [grad_input, unused, sum_grad, sum_centered] = call_affine_backward(
           grad, input, std::nullopt, mean, forward_scale,
           static_cast<int64_t>(Activation::kIdentity), need_input, false);
       if (need_input) out[0] = grad_input;
-      statistics_grads(ctx, out, 1, sum_grad, sum_centered, forward_scale, invstd, weight, mean,
-                       var);
+      statistics_grads(ctx, out, 1, sum_grad, sum_centered, forward_scale, invstd, weight, mean);
       return out;
     }
     // A double backward: differentiable ATen formulas. One rule for the scale: the forward
     // kernel's, whichever statistics require grad, with the derivative of ATen's
-    // weight / sqrt(var + eps), whose value may differ from the kernel's by an ulp: that
-    // difference is exact (Sterbenz), so adding it back gives the kernel's value bit for bit.
-    const at::Tensor formula = weight.defined() ? weight.to(acc) / std : invstd;
+    // weight * invstd, whose value may differ from the kernel's by an ulp: that difference
+    // is exact (Sterbenz), so adding it back gives the kernel's value bit for bit.
+    const at::Tensor formula = weight.defined() ? weight.to(acc) * invstd : invstd;
     const at::Tensor scale = formula + (forward_scale - formula.detach());
     if (need_input) out[0] = call_backward(grad, scale);
     const auto dims = reduce_dims(input.dim());
@@ -174,7 +189,7 @@ class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
     const at::Tensor sum_grad = g.sum(dims);
     const at::Tensor sum_centered =
         (g * (input.to(acc) - mean.to(acc).view(channel_shape(input)))).sum(dims);
-    statistics_grads(ctx, out, 1, sum_grad, sum_centered, scale, invstd, weight, mean, var);
+    statistics_grads(ctx, out, 1, sum_grad, sum_centered, scale, invstd, weight, mean);
     return out;
   }
 };
@@ -260,16 +275,15 @@ class FrozenBNActFunction : public torch::autograd::Function<FrozenBNActFunction
     const bool need_input = ctx->needs_input_grad(0), need_residual = needs_grad(ctx, 1);
     if (ctx->saved_data["stats_grad"].toBool()) {
       const at::Tensor &scale = saved[0], &input = saved[2], &weight = saved[3],
-                       &mean = saved[4], &var = saved[5];
+                       &mean = saved[4];
       const std::optional<at::Tensor> act_saved =
           saved[1].defined() ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
       auto [grad_input, grad_residual, sum_grad, sum_centered] = call_affine_backward(
           grads[0], input, act_saved, mean, scale, activation, need_input, need_residual);
       if (need_input) out[0] = grad_input;
       if (need_residual) out[1] = grad_residual;
-      const at::Tensor invstd =
-          (var.to(scale.scalar_type()) + ctx->saved_data["eps"].toDouble()).sqrt().reciprocal();
-      statistics_grads(ctx, out, 2, sum_grad, sum_centered, scale, invstd, weight, mean, var);
+      const at::Tensor invstd = saved_invstd(ctx, saved[5], scale.scalar_type());
+      statistics_grads(ctx, out, 2, sum_grad, sum_centered, scale, invstd, weight, mean);
       return out;
     }
     if (activation == static_cast<int64_t>(Activation::kIdentity)) {
