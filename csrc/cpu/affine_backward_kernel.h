@@ -70,11 +70,17 @@ struct Tiles {
     // at most kMaxDepth values of a channel (the element-by-element path adds them in turn)
     outer_step = std::clamp<int64_t>(
         std::min(kTileElements / cross_section, kMaxDepth / inner_step), 1, outer);
-    channel_step = cross_section <= kTileElements
-        ? row_channels : std::clamp<int64_t>(kTileElements / inner_step, 1, C);
+    inner_tiles = ceil_div(inner, inner_step);
+    // Planes cut into several runs: one channel per tile, so that tiles in index order (the
+    // inner range fastest) walk memory in order. (With a block of channels per tile, the walk
+    // went from a channel's run to the next channel's, a plane apart, and came back for the
+    // next range: forward + backward 1.20-1.56x the frozen op's on the large NCHW sweep
+    // shapes, against 1.13-1.43x this way, interleaved; the sums are the same bits.)
+    channel_step = inner_tiles > 1 ? 1
+        : cross_section <= kTileElements ? row_channels
+        : std::clamp<int64_t>(kTileElements / inner_step, 1, C);
     outer_tiles = ceil_div(outer, outer_step);
     channel_tiles = ceil_div(C, channel_step);
-    inner_tiles = ceil_div(inner, inner_step);
   }
   int64_t count() const {
     return outer_tiles * channel_tiles * inner_tiles;
