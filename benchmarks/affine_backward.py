@@ -12,7 +12,8 @@ the input, weight and bias, side by side with the only peer and with the fully f
 
 Each is ``torch.autograd.grad`` of the output (with a random gradient in the input's layout)
 to everything that requires grad, timed in interleaved rounds with the benchmark's timer,
-heap setting and busy-machine retries. Targets (issue 24): affine at or below batchnorm on
+heap setting and busy-machine retries, in --passes sweeps over all cases (each case's
+figures: the medians over the sweeps). Targets (issue 24): affine at or below batchnorm on
 every shape, and within 1.5x of frozen.
 
     python benchmarks/affine_backward.py --out benchmarks/results/cpu/affine
@@ -25,6 +26,7 @@ import math
 import shlex
 import sys
 import time
+from statistics import median
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -73,34 +75,68 @@ def prepare(shape, dtype: str, layout: str, device: str = "cpu") -> Dict[str, Tu
             for name, (forward, inputs) in forwards.items()}
 
 
+def time_case(name: str, dtype: str, layout: str, rounds: int, timer, retries: int,
+              device: str) -> Dict:
+    """One case timed once: each contender's statistics over interleaved rounds, the ratios
+    from them, and the bytes each forward keeps for its backward."""
+    calls = prepare(SHAPES[name], dtype, layout, device)
+    saved = {k: forward_footprint(forward)[0] for k, (forward, _) in calls.items()}
+    stats, load = timed_rounds({k: timer.prepare(step) for k, (_, step) in calls.items()},
+                               rounds, retries)
+    return {**{k: stats[k].as_dict() for k in calls}, "saved_bytes": saved,
+            **{f"vs_{peer}": stats["affine"].median / stats[peer].median for peer in TARGETS},
+            "foreign_load": load, "busy": load is not None and load > BUSY_LOAD}
+
+
+def combine(name: str, dtype: str, layout: str, timings: Sequence[Dict]) -> Dict:
+    """A case over its passes: the medians over the passes not timed while busy (all of them
+    if every pass was) of each contender's median and of each ratio, the ratios' range over
+    those passes, and every pass as measured."""
+    quiet = [t for t in timings if not t["busy"]] or list(timings)
+    row = {"shape_name": name, "shape": list(SHAPES[name]), "dtype": dtype, "layout": layout}
+    for k in CONTENDERS:
+        row[k] = {"median": median([t[k]["median"] for t in quiet])}
+    for peer in TARGETS:
+        ratios = [t[f"vs_{peer}"] for t in quiet]
+        row[f"vs_{peer}"] = median(ratios)
+        row[f"vs_{peer}_range"] = [min(ratios), max(ratios)]
+    row["saved_bytes"] = timings[0]["saved_bytes"]
+    row["busy"] = all(t["busy"] for t in timings)
+    row["passes_used"] = len(quiet)
+    row["passes"] = list(timings)
+    return row
+
+
 def run(shapes: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str], rounds: int,
-        min_run_time: float, retries: int, device: str = "cpu") -> List[Dict]:
+        min_run_time: float, retries: int, device: str = "cpu", passes: int = 1) -> List[Dict]:
+    """Every case timed in each of `passes` sweeps over all cases (so that a case's timings
+    come from minutes apart, not from one window of a second: on a shared VM the ratios
+    themselves move with the memory bandwidth left to it), then combined per case."""
     timer = make_timer(device, min_run_time)
     cases = [(s, d, l) for s in shapes for d in dtypes for l in layouts]
-    rows = []
-    for i, (name, dtype, layout) in enumerate(cases):
-        calls = prepare(SHAPES[name], dtype, layout, device)
-        # what each keeps for its backward (bytes, per storage), then the timings
-        saved = {k: forward_footprint(forward)[0] for k, (forward, _) in calls.items()}
-        stats, load = timed_rounds({k: timer.prepare(step) for k, (_, step) in calls.items()},
-                                   rounds, retries)
-        row = {"shape_name": name, "shape": list(SHAPES[name]), "dtype": dtype,
-               "layout": layout, **{k: stats[k].as_dict() for k in calls},
-               "saved_bytes": saved,
-               "foreign_load": load, "busy": load is not None and load > BUSY_LOAD}
-        for peer in TARGETS:
-            row[f"vs_{peer}"] = stats["affine"].median / stats[peer].median
-        rows.append(row)
-        print(f"[{i + 1}/{len(cases)}] {name} {dtype} {layout}: affine "
-              f"{fmt_time(stats['affine'].median)}, x batchnorm {fmt_ratio(row['vs_batchnorm'])}, "
-              f"x frozen {fmt_ratio(row['vs_frozen'])}{busy_mark(row)}", file=sys.stderr,
-              flush=True)
-    return rows
+    timings: Dict[tuple, List[Dict]] = defaultdict(list)
+    for sweep in range(passes):
+        for i, case in enumerate(cases):
+            t = time_case(*case, rounds, timer, retries, device)
+            timings[case].append(t)
+            print(f"[pass {sweep + 1}/{passes}, {i + 1}/{len(cases)}] {' '.join(case)}: affine "
+                  f"{fmt_time(t['affine']['median'])}, x batchnorm {fmt_ratio(t['vs_batchnorm'])}, "
+                  f"x frozen {fmt_ratio(t['vs_frozen'])}{busy_mark(t)}", file=sys.stderr,
+                  flush=True)
+    return [combine(*case, timings[case]) for case in cases]
 
 
 def busy_mark(row: Dict) -> str:
     """" (busy)" after the figures of a case timed while other processes kept the CPU busy."""
     return " (busy)" if row["busy"] else ""
+
+
+def ratio_cell(row: Dict, peer: str) -> str:
+    """The median ratio to `peer`, with its range over the passes used where there were
+    several."""
+    low, high = row[f"vs_{peer}_range"]
+    spread = f" ({low:.2f}-{high:.2f})" if row["passes_used"] > 1 else ""
+    return fmt_ratio(row[f"vs_{peer}"]) + spread + busy_mark(row)
 
 
 def summarize(rows: Sequence[Dict]) -> List[List[str]]:
@@ -142,8 +178,7 @@ def write(out_dir, meta: Dict, rows: Sequence[Dict]) -> None:
                      [[f"{r['shape_name']} {shape_str(r['shape'])}", r["dtype"], r["layout"],
                        fmt_time(r["affine"]["median"]), fmt_time(r["batchnorm"]["median"]),
                        fmt_time(r["frozen"]["median"]),
-                       fmt_ratio(r["vs_batchnorm"]) + busy_mark(r),
-                       fmt_ratio(r["vs_frozen"]) + busy_mark(r),
+                       ratio_cell(r, "batchnorm"), ratio_cell(r, "frozen"),
                        " / ".join(f"{r['saved_bytes'][k] / 1e6:.1f}" for k in CONTENDERS)]
                       for r in rows], markdown=True)
     load = meta["load_average"], meta["load_average_end"]
@@ -159,7 +194,9 @@ def write(out_dir, meta: Dict, rows: Sequence[Dict]) -> None:
         "affine: `frozennorm.frozen_batch_norm` with weight and bias `nn.Parameter`s (grads "
         "of x, weight, bias); batchnorm: `nn.BatchNorm2d` in `eval()` with trainable weight "
         "and bias (same grads); frozen: `frozen_batch_norm` with plain tensors (grad of x "
-        "alone). Medians of interleaved rounds. Saved for backward: the tensors each forward "
+        "alone). Medians of interleaved rounds; with several passes (sweeps over all cases, "
+        "minutes apart), times and ratios are the medians over the passes, each ratio with "
+        "its range over them. Saved for backward: the tensors each forward "
         "keeps for its backward (`torch.autograd.graph.saved_tensors_hooks`, once per "
         "storage). Targets: affine / batchnorm <= 1, "
         "affine / frozen <= 1.5.\n\n"
@@ -178,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", default="float32,bfloat16,float16")
     p.add_argument("--layout", default="nchw,channels_last")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--passes", type=int, default=3,
+                   help="sweeps over all cases; each case's figures: medians over them")
     p.add_argument("--min-run-time", type=float, default=0.05)
     p.add_argument("--busy-retries", type=int, default=2)
     p.add_argument("--threads", type=int)
@@ -191,7 +230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     split = lambda s: [t for t in s.split(",") if t]  # noqa: E731
     start = time.monotonic()
     settings = {"cpu_malloc": configure_cpu_malloc("keep"), "rounds": args.repeat,
-                "min_run_time": args.min_run_time, "busy_retries": args.busy_retries}
+                "min_run_time": args.min_run_time, "busy_retries": args.busy_retries,
+                "passes": args.passes}
     argv_used = list(sys.argv[1:] if argv is None else argv)
     meta = metadata(args.device, "python benchmarks/affine_backward.py " + shlex.join(argv_used),
                     settings)
@@ -199,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out:
         check_provenance(meta, args.out, args.allow_dirty)
     rows = run(split(args.shape), split(args.dtype), split(args.layout), args.repeat,
-               args.min_run_time, args.busy_retries, args.device)
+               args.min_run_time, args.busy_retries, args.device, args.passes)
     meta["elapsed_s"] = round(time.monotonic() - start, 1)
     meta["load_average_end"] = load_average()
     print(table(SUMMARY_HEADERS, summarize(rows)))

@@ -376,18 +376,49 @@ def test_affine_backward_script(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(script), "--shape", "small-c2", "--dtype", "bfloat16",
          "--layout", "channels_last", "--repeat", "1", "--min-run-time", "0.001",
-         "--busy-retries", "0", "--out", str(out)],
+         "--busy-retries", "0", "--passes", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=300, env=checkout_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     row, = json.loads((out / "affine.json").read_text())["cases"]
     assert (row["shape_name"], row["dtype"], row["layout"]) == ("small-c2", "bfloat16",
                                                                  "channels_last")
     assert row["vs_batchnorm"] > 0 and row["vs_frozen"] > 0
+    assert len(row["passes"]) == 2
+    low, high = row["vs_frozen_range"]
+    assert low <= row["vs_frozen"] <= high
     input_bytes = 256 * 56 * 56 * 2
     assert row["saved_bytes"]["affine"] >= input_bytes
     assert row["saved_bytes"]["frozen"] < input_bytes // 100
     md = (out / "affine.md").read_text()
     assert "## Summary" in md and "saved for backward" in md
+
+def test_affine_backward_combines_passes():
+    """A case's figures over several passes: medians over the passes not timed while busy,
+    the ratios' range over those, busy only when every pass was."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import affine_backward as ab
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop("affine_backward", None)
+
+    def timing(affine, batchnorm, frozen, busy=False):
+        return {"affine": {"median": affine}, "batchnorm": {"median": batchnorm},
+                "frozen": {"median": frozen}, "vs_batchnorm": affine / batchnorm,
+                "vs_frozen": affine / frozen, "saved_bytes": {}, "busy": busy}
+
+    passes = [timing(3.0, 6.0, 2.0), timing(4.0, 5.0, 2.0), timing(9.0, 1.0, 1.0, busy=True),
+              timing(5.0, 5.0, 2.5)]
+    row = ab.combine("small-c2", "float32", "nchw", passes)
+    assert row["affine"]["median"] == 4.0 and row["frozen"]["median"] == 2.0
+    assert row["vs_frozen"] == 2.0 and row["vs_frozen_range"] == [1.5, 2.0]
+    assert row["vs_batchnorm"] == 0.8 and row["vs_batchnorm_range"] == [0.5, 1.0]
+    assert not row["busy"] and row["passes_used"] == 3 and len(row["passes"]) == 4
+    assert "(0.50-1.00)" in ab.ratio_cell(row, "batchnorm")
+    all_busy = ab.combine("small-c2", "float32", "nchw", [dict(p, busy=True) for p in passes])
+    assert all_busy["busy"] and all_busy["passes_used"] == 4
+    assert ab.ratio_cell(all_busy, "frozen").endswith("(busy)")
+
 
 def test_sources_digest_follows_every_csrc_file(tmp_path):
     from frozennorm._sources import sources_digest
