@@ -84,7 +84,7 @@ stage3() {  # the predictions of benchmarks/README.md ("CUDA") against the GPU
     run "$PY" -m frozennorm.bench --device cuda --ops-only \
         --contenders clone,frozennorm,bn_eval,torchvision,detectron2 --no-progress --out "$OUT/bench_ops"
     run "$PY" benchmarks/affine_backward.py --device cuda --shape det-c3,cls-c3,cls-c5 \
-        --dtype float32,bfloat16 --out "$OUT/affine"
+        --dtype float32,bfloat16 --passes 1 --out "$OUT/affine"
     run "$PY" -m frozennorm.bench --device cuda --e2e-only --e2e-model fpn --e2e-mode training \
         --e2e-dtype bfloat16 --no-progress --out "$OUT/bench_e2e" \
         --e2e-variants bn_eval,torchvision,frozennorm,frozennorm_fold,bn_eval_affine,frozennorm_affine,frozennorm_affine_fuse
