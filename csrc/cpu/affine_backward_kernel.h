@@ -37,13 +37,13 @@ constexpr int64_t kRunMultiple = 32;
 // blocks of it: their parameters and partials, 4 values per channel, 32 KiB in float32, in
 // L1 across the tile's rows)...
 constexpr int64_t kRowChannels = 2048;
-// ...and at least this many rows where the tensor has them (the even split below may take
-// them down to about 3/4 of it): each tile writes its partials (2 floats per channel) once,
-// and the pairwise sum reads them back, so with 128 rows they are 1/32 of what a 16-bit tile
-// reads. (Tiles of about kTileElements, 32 rows of
-// 2048 channels cut into two blocks of 1024: forward + backward over the frozen op's on
-// cls-c5/det-c5 channels-last 1.42-1.44x in bfloat16, 1.20x in float32; whole rows and 128
-// of them: 1.28-1.30x and 1.09-1.12x, in the same run, interleaved.)
+// ...and at least this many rows where the tensor has them (kEvenTiles may take them down to
+// about 3/4 of it): each tile writes its partials (2 floats per channel) once, and the
+// pairwise sum reads them back, so with 128 rows they are 1/32 of what a 16-bit tile reads.
+// (Tiles of about kTileElements, 32 rows of 2048 channels cut into two blocks of 1024:
+// forward + backward over the frozen op's on cls-c5/det-c5 channels-last 1.42-1.44x in
+// bfloat16, 1.20x in float32; whole rows and 128 of them: 1.28-1.30x and 1.09-1.12x, in the
+// same run, interleaved.)
 constexpr int64_t kMinRows = 128;
 // Channels-last tiles come in multiples of this many where there are as many (Tiles).
 constexpr int64_t kEvenTiles = 8;
