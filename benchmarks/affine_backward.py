@@ -26,8 +26,8 @@ import math
 import shlex
 import sys
 import time
-from statistics import median
 from collections import defaultdict
+from statistics import median
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -108,7 +108,7 @@ def combine(name: str, dtype: str, layout: str, timings: Sequence[Dict]) -> Dict
 
 
 def run(shapes: Sequence[str], dtypes: Sequence[str], layouts: Sequence[str], rounds: int,
-        min_run_time: float, retries: int, device: str = "cpu", passes: int = 1) -> List[Dict]:
+        min_run_time: float, retries: int, device: str = "cpu", passes: int = 3) -> List[Dict]:
     """Every case timed in each of `passes` sweeps over all cases (so that a case's timings
     come from minutes apart, not from one window of a second: on a shared VM the ratios
     themselves move with the memory bandwidth left to it), then combined per case."""
