@@ -11,6 +11,7 @@
 // the package is installed without this extension.
 #include "frozen_bn.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -85,6 +86,31 @@ at::Tensor invstd_of(const at::Tensor& var, double eps, at::ScalarType acc) {
   return at::rsqrt(v + at::scalar_tensor(eps, at::TensorOptions().dtype(acc)));
 }
 
+// What a backward keeps of statistics that do not require grad: a copy of the running mean
+// and invstd_of(var), both in acc. On the CPU one loop writes both (the same values): the
+// clone, add and rsqrt took 12-35 us of a forward + backward of 1x256x56x56 (interleaved;
+// ~1.5x the frozen op's whole call time at 1x256x2x2 before, 1.24x after).
+std::pair<at::Tensor, at::Tensor> frozen_statistics(const at::Tensor& mean, const at::Tensor& var,
+                                                    double eps, at::ScalarType acc) {
+  if (!(mean.is_cpu() && var.is_cpu())) {
+    return {mean.detach().clone(), invstd_of(var.detach(), eps, acc)};
+  }
+  const at::Tensor m = mean.detach().to(acc).contiguous(), v = var.detach().to(acc).contiguous();
+  at::Tensor mean_copy = at::empty_like(m), invstd = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES(acc, "frozen_statistics", [&] {
+    const scalar_t* from_mean = m.const_data_ptr<scalar_t>();
+    const scalar_t* from_var = v.const_data_ptr<scalar_t>();
+    scalar_t* to_mean = mean_copy.mutable_data_ptr<scalar_t>();
+    scalar_t* to_invstd = invstd.mutable_data_ptr<scalar_t>();
+    const auto e = static_cast<scalar_t>(eps);
+    for (int64_t c = 0; c < m.numel(); ++c) {
+      to_mean[c] = from_mean[c];
+      to_invstd[c] = scalar_t(1) / std::sqrt(from_var[c] + e);
+    }
+  });
+  return {mean_copy, invstd};
+}
+
 // When statistics require grad (trainable affine parameters, or functional use), a backward
 // needs the forward's input and the statistics too. Saved as
 // {scale, saved, input, weight, mean, var or invstd} (saved: the activation's tensor, or
@@ -92,6 +118,7 @@ at::Tensor invstd_of(const at::Tensor& var, double eps, at::ScalarType acc) {
 // overwrites module buffers in place between forwards, which would fail the backward. The
 // variance is needed only as 1 / sqrt(var + eps), computed here (a new tensor, no copy)
 // unless var requires grad: then var itself, and the backward differentiates that formula.
+// (Statistics that do not require grad: frozen_statistics.)
 bool save_statistics(AutogradContext* ctx, const at::Tensor& scale, const at::Tensor& saved,
                      const at::Tensor& input, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& mean,
@@ -104,10 +131,13 @@ bool save_statistics(AutogradContext* ctx, const at::Tensor& scale, const at::Te
     ctx->saved_data["bias_dtype"] =
         bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
     ctx->saved_data["var_dtype"] = var.scalar_type();
-    ctx->save_for_backward(
-        {scale, saved, input, weight.has_value() ? *weight : at::Tensor(),
-         mean.requires_grad() ? mean : mean.detach().clone(),
-         var.requires_grad() ? var : invstd_of(var.detach(), eps, scale.scalar_type())});
+    auto [mean_copy, invstd] = mean.requires_grad() || var.requires_grad()
+        ? std::pair<at::Tensor, at::Tensor>(
+              mean.requires_grad() ? mean : mean.detach().clone(),
+              var.requires_grad() ? var : invstd_of(var.detach(), eps, scale.scalar_type()))
+        : frozen_statistics(mean, var, eps, scale.scalar_type());
+    ctx->save_for_backward({scale, saved, input, weight.has_value() ? *weight : at::Tensor(),
+                            mean_copy, invstd});
   } else {
     ctx->save_for_backward({scale, saved});
   }
@@ -128,7 +158,25 @@ void statistics_grads(AutogradContext* ctx, variable_list& out, size_t first,
                       const at::Tensor& sum_grad, const at::Tensor& sum_centered,
                       const at::Tensor& scale, const at::Tensor& invstd, const at::Tensor& weight,
                       const at::Tensor& mean) {
-  if (needs_grad(ctx, first)) out[first] = (sum_centered * invstd).to(weight.scalar_type());
+  if (needs_grad(ctx, first)) {
+    // On the CPU, outside a double backward, the kernel's sums (a new tensor) times invstd in
+    // place where nothing else reads them (5-19 us of a 1x256x56x56 forward + backward, as
+    // frozen_statistics)
+    if (!at::GradMode::is_enabled() && sum_centered.is_cpu() && !needs_grad(ctx, first + 3) &&
+        weight.scalar_type() == sum_centered.scalar_type() &&
+        invstd.scalar_type() == sum_centered.scalar_type() && invstd.is_contiguous() &&
+        sum_centered.is_contiguous()) {
+      at::Tensor grad_weight = sum_centered;
+      AT_DISPATCH_FLOATING_TYPES(grad_weight.scalar_type(), "grad_weight", [&] {
+        scalar_t* to = grad_weight.mutable_data_ptr<scalar_t>();
+        const scalar_t* factor = invstd.const_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < grad_weight.numel(); ++c) to[c] *= factor[c];
+      });
+      out[first] = grad_weight;
+    } else {
+      out[first] = (sum_centered * invstd).to(weight.scalar_type());
+    }
+  }
   if (needs_grad(ctx, first + 1)) {
     out[first + 1] = sum_grad.to(ctx->saved_data["bias_dtype"].toScalarType());
   }
