@@ -412,3 +412,29 @@ def test_module_level_gradients_match_the_fallback(dtype, activation, layout):
         for name, got in zip(("weight", "bias"), grads[2:]):
             assert got.dtype == torch.float32 and got.shape == (24,)
             assert ((got.double() - exact[name]).abs() <= bound[name]).all(), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stats_dtype", [None, torch.float16, torch.float64])
+def test_weight_and_bias_grads_are_the_sums_bit_for_bit(dtype, stats_dtype):
+    """The autograd node's weight and bias gradients are the backward op's sums, times
+    torch.rsqrt(var + eps) for the weight (one rule in both builds): whichever way the node
+    keeps the statistics for its backward (a loop on the CPU) and forms the product (in place
+    there), with statistics in the compute dtype or not."""
+    s = make_sample([3, 20, 5, 7], dtype, "contiguous", "mean_gg_std", seed=5)
+    mean, var = (s.mean, s.var) if stats_dtype is None else (s.mean.to(stats_dtype),
+                                                             s.var.to(stats_dtype))
+    weight = torch.nn.Parameter(s.weight.clone())
+    bias = torch.nn.Parameter(s.bias.clone())
+    x = s.x.detach().requires_grad_()
+    y = frozen_batch_norm(x, mean, var, weight, bias, s.eps)
+    g = torch.randn(y.shape).to(dtype)
+    _, grad_weight, grad_bias = torch.autograd.grad(y, (x, weight, bias), g)
+
+    _, scale = torch.ops.frozennorm.frozen_bn(s.x, s.weight, s.bias, mean, var, s.eps)
+    _, _, sum_grad, sum_centered = affine_backward(g, s.x, None, mean, scale, IDENTITY, True,
+                                                   False)
+    acc = scale.dtype
+    invstd = torch.rsqrt(var.to(acc) + torch.tensor(s.eps, dtype=acc))
+    assert torch.equal(grad_weight, (sum_centered * invstd).to(weight.dtype))
+    assert torch.equal(grad_bias, sum_grad.to(bias.dtype))

@@ -205,7 +205,7 @@ def _frozen_bn_backward_formula(ctx, grad_output, _grad_scale):
 
     forward_scale, _, input, weight, mean, var = ctx.saved_tensors
     acc = forward_scale.dtype
-    invstd = torch.sqrt(var.to(acc) + ctx.eps).reciprocal()
+    invstd = torch.rsqrt(var.to(acc) + ctx.eps)  # the compiled backward's rule (at::rsqrt)
     if not torch.is_grad_enabled():  # one fused pass
         grad_input, _, g_sum, g_xc = torch.ops.frozennorm.frozen_bn_affine_backward(
             grad_output, input, None, mean, forward_scale, IDENTITY, needs[0], False)
@@ -264,7 +264,7 @@ def _frozen_bn_act_backward_formula(ctx, grad_output, _grad_scale, _grad_preact)
         scale, saved, input, weight, mean, var = ctx.saved_tensors
         grad_input, grad_residual, g_sum, g_xc = torch.ops.frozennorm.frozen_bn_affine_backward(
             grad_output, input, saved, mean, scale, ctx.activation, need_input, need_residual)
-        invstd = torch.sqrt(var.to(scale.dtype) + ctx.eps).reciprocal()
+        invstd = torch.rsqrt(var.to(scale.dtype) + ctx.eps)
         return ((grad_input if need_input else None, grad_residual if need_residual else None)
                 + statistics_grads(needs[2:6], g_sum, g_xc, scale, invstd, weight,
                                    ctx.bias_dtype, mean, var) + (None, None, None))
