@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -86,13 +87,27 @@ at::Tensor invstd_of(const at::Tensor& var, double eps, at::ScalarType acc) {
   return at::rsqrt(v + at::scalar_tensor(eps, at::TensorOptions().dtype(acc)));
 }
 
+// Whether this code may read and write t's data itself, past the dispatcher: a strided CPU
+// tensor with nothing in front of its kernel but autograd (not a fake, functional, batched
+// or grad-transform tensor), and no Python dispatch mode active (make_fx, FakeTensorMode,
+// FlopCounterMode, ...: they must see the ops, or a traced graph would hold their results
+// as constants).
+bool direct_cpu(const at::Tensor& t) {
+  static const c10::DispatchKeySet plain({c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
+                                          c10::DispatchKey::ADInplaceOrView,
+                                          c10::DispatchKey::AutocastCPU});
+  return t.is_cpu() && t.layout() == at::kStrided && plain.isSupersetOf(t.key_set()) &&
+      !c10::impl::dispatch_mode_enabled();
+}
+
 // What a backward keeps of statistics that do not require grad: a copy of the running mean
-// and invstd_of(var), both in acc. On the CPU one loop writes both (the same values, checked
-// bit for bit): the clone, add and rsqrt it replaces took 12-35 us of a forward + backward of
-// 1x256x56x56, whose frozen op takes 120-220 us (interleaved, at b012384).
+// and invstd_of(var), both in acc. For plain CPU tensors one loop writes both (the same
+// values, checked bit for bit): the clone, add and rsqrt it replaces took 12-35 us of a
+// forward + backward of 1x256x56x56, whose frozen op takes 120-220 us (interleaved, at
+// b012384).
 std::pair<at::Tensor, at::Tensor> frozen_statistics(const at::Tensor& mean, const at::Tensor& var,
                                                     double eps, at::ScalarType acc) {
-  if (!(mean.is_cpu() && var.is_cpu())) {
+  if (!(direct_cpu(mean) && direct_cpu(var))) {
     return {mean.detach().clone(), invstd_of(var.detach(), eps, acc)};
   }
   const at::Tensor m = mean.detach().to(acc).contiguous(), v = var.detach().to(acc).contiguous();
@@ -162,7 +177,8 @@ void statistics_grads(AutogradContext* ctx, variable_list& out, size_t first,
     // On the CPU, outside a double backward, the kernel's sums (a new tensor) are scaled in
     // place where nothing else reads them (the mul it replaces: 5-19 us of the forward +
     // backward that frozen_statistics measures)
-    if (!at::GradMode::is_enabled() && sum_centered.is_cpu() && !needs_grad(ctx, first + 3) &&
+    if (!at::GradMode::is_enabled() && direct_cpu(sum_centered) && direct_cpu(invstd) &&
+        !needs_grad(ctx, first + 3) &&
         weight.scalar_type() == sum_centered.scalar_type() &&
         invstd.scalar_type() == sum_centered.scalar_type() && invstd.is_contiguous() &&
         sum_centered.is_contiguous()) {

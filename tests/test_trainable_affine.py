@@ -222,3 +222,94 @@ def test_network_to_half_style_cast_trains_weight_and_bias():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert torch.isfinite(model.bn1.weight.grad).all() and model.bn1.bias.grad.abs().sum() > 0
 
+
+
+@pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_traced_graphs_compute_from_their_inputs(mode, act):
+    """make_fx of forward + backward with trainable weight/bias: the graph traces (fake and
+    symbolic tensors have no data to read) and, run on other statistics, weight and inputs,
+    gives what eager gives on them (a real-mode trace holds nothing computed from the traced
+    statistics as a constant)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x, r, w, b, mean, var):
+        if act is None:
+            y = frozennorm.frozen_batch_norm(x, mean, var, w, b)
+        else:
+            y = frozennorm.frozen_batch_norm_act(x, mean, var, w, b, 1e-5, act, r)
+        return torch.autograd.grad((y * y).sum(), (x, w, b))
+
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 6, 5, 4, generator=g).requires_grad_()
+        r = torch.randn(2, 6, 5, 4, generator=g)
+        w = torch.randn(6, generator=g).requires_grad_()
+        b = torch.randn(6, generator=g).requires_grad_()
+        return x, r, w, b, torch.randn(6, generator=g) * 3, torch.rand(6, generator=g) * 2 + 0.1
+
+    graph = make_fx(step, tracing_mode=mode)(*inputs(0))
+    other = inputs(1)
+    for got, want in zip(graph(*other), step(*other)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_torch_func_gradients_of_trainable_weight_and_bias():
+    """torch.func.grad (and vmap of it: per-sample gradients) with respect to a trainable
+    module's weight and bias, through functional_call, equal autograd's (to rounding:
+    torch.func differentiates with create_graph, which takes the backward's ATen sums)."""
+    m = FrozenBatchNorm2d(6, trainable_affine=True)
+    randomize_norm_stats_(m)
+    x = torch.randn(4, 6, 5, 4)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(p, t):
+        return (torch.func.functional_call(m, p, (t,)) ** 2).sum()
+
+    got = torch.func.grad(loss)(params, x)
+    (loss(dict(m.named_parameters()), x)).backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(got[k], p.grad)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
+    for i in range(4):
+        one = torch.func.grad(loss)(params, x[i:i + 1])
+        for k in params:
+            torch.testing.assert_close(per_sample[k][i], one[k])
+
+
+class _Wrapped(torch.Tensor):
+    """A minimal __torch_dispatch__ wrapper subclass (as DTensor and the logging tensors are):
+    no storage of its own, every op unwrapped and rewrapped."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        return torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype,
+                                                   device=elem.device)
+
+    def __init__(self, elem):
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+        out = func(*tree_map(lambda t: t.elem if isinstance(t, _Wrapped) else t, args),
+                   **tree_map(lambda t: t.elem if isinstance(t, _Wrapped) else t, kwargs or {}))
+        return tree_map(lambda t: _Wrapped(t) if isinstance(t, torch.Tensor) else t, out)
+
+
+def test_statistics_as_a_tensor_subclass_with_trainable_weight_and_bias():
+    """Statistics that are a __torch_dispatch__ subclass (no data of their own to read):
+    forward and the gradients of input, weight and bias as with plain tensors."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 5, 4, generator=g).requires_grad_()
+    w = torch.randn(6, generator=g).requires_grad_()
+    b = torch.randn(6, generator=g).requires_grad_()
+    mean, var = torch.randn(6, generator=g) * 3, torch.rand(6, generator=g) + 0.1
+    plain = frozennorm.frozen_batch_norm(x, mean, var, w, b)
+    wrapped = frozennorm.frozen_batch_norm(x, _Wrapped(mean), _Wrapped(var), w, b)
+    torch.testing.assert_close(wrapped.elem if isinstance(wrapped, _Wrapped) else wrapped, plain,
+                               rtol=0, atol=0)
+    want = torch.autograd.grad((plain ** 2).sum(), (x, w, b))
+    got = torch.autograd.grad((wrapped ** 2).sum(), (x, w, b))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.elem if isinstance(a, _Wrapped) else a, e, rtol=0, atol=0)
