@@ -100,19 +100,21 @@ bool direct_cpu(const at::Tensor& t) {
       !c10::impl::dispatch_mode_enabled();
 }
 
-// What a backward keeps of statistics that do not require grad: a copy of the running mean
-// and invstd_of(var), both in acc. For plain CPU tensors one loop writes both (the same
+// The statistics a backward keeps: the running mean, or a copy of it where it does not
+// require grad, and var where it requires grad, else invstd_of(var). Where neither requires
+// grad and both are plain CPU tensors, one loop writes the copy and invstd (in acc, the same
 // values, checked bit for bit): the clone, add and rsqrt it replaces took 12-35 us of a
 // forward + backward of 1x256x56x56, whose frozen op takes 120-220 us (interleaved, at
 // b012384).
-std::pair<at::Tensor, at::Tensor> frozen_statistics(const at::Tensor& mean, const at::Tensor& var,
-                                                    double eps, at::ScalarType acc) {
-  if (!(direct_cpu(mean) && direct_cpu(var))) {
-    return {mean.detach().clone(), invstd_of(var.detach(), eps, acc)};
+std::pair<at::Tensor, at::Tensor> kept_statistics(const at::Tensor& mean, const at::Tensor& var,
+                                                  double eps, at::ScalarType acc) {
+  if (mean.requires_grad() || var.requires_grad() || !direct_cpu(mean) || !direct_cpu(var)) {
+    return {mean.requires_grad() ? mean : mean.detach().clone(),
+            var.requires_grad() ? var : invstd_of(var.detach(), eps, acc)};
   }
-  const at::Tensor m = mean.detach().to(acc).contiguous(), v = var.detach().to(acc).contiguous();
+  const at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous();
   at::Tensor mean_copy = at::empty_like(m), invstd = at::empty_like(v);
-  AT_DISPATCH_FLOATING_TYPES(acc, "frozen_statistics", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc, "kept_statistics", [&] {
     const scalar_t* from_mean = m.const_data_ptr<scalar_t>();
     const scalar_t* from_var = v.const_data_ptr<scalar_t>();
     scalar_t* to_mean = mean_copy.mutable_data_ptr<scalar_t>();
@@ -132,8 +134,8 @@ std::pair<at::Tensor, at::Tensor> frozen_statistics(const at::Tensor& mean, cons
 // undefined). The running mean is saved as a copy unless it requires grad itself: DDP
 // overwrites module buffers in place between forwards, which would fail the backward. The
 // variance is needed only as 1 / sqrt(var + eps), computed here (a new tensor, no copy)
-// unless var requires grad: then var itself, and the backward differentiates that formula.
-// (Statistics that do not require grad: frozen_statistics.)
+// unless var requires grad: then var itself, and the backward differentiates that formula
+// (kept_statistics).
 bool save_statistics(AutogradContext* ctx, const at::Tensor& scale, const at::Tensor& saved,
                      const at::Tensor& input, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& mean,
@@ -146,13 +148,9 @@ bool save_statistics(AutogradContext* ctx, const at::Tensor& scale, const at::Te
     ctx->saved_data["bias_dtype"] =
         bias.has_value() && bias->defined() ? bias->scalar_type() : at::kFloat;
     ctx->saved_data["var_dtype"] = var.scalar_type();
-    auto [mean_copy, invstd] = mean.requires_grad() || var.requires_grad()
-        ? std::pair<at::Tensor, at::Tensor>(
-              mean.requires_grad() ? mean : mean.detach().clone(),
-              var.requires_grad() ? var : invstd_of(var.detach(), eps, scale.scalar_type()))
-        : frozen_statistics(mean, var, eps, scale.scalar_type());
+    auto [kept_mean, kept_var] = kept_statistics(mean, var, eps, scale.scalar_type());
     ctx->save_for_backward({scale, saved, input, weight.has_value() ? *weight : at::Tensor(),
-                            mean_copy, invstd});
+                            kept_mean, kept_var});
   } else {
     ctx->save_for_backward({scale, saved});
   }
@@ -176,7 +174,7 @@ void statistics_grads(AutogradContext* ctx, variable_list& out, size_t first,
   if (needs_grad(ctx, first)) {
     // On the CPU, outside a double backward, the kernel's sums (a new tensor) are scaled in
     // place where nothing else reads them (the mul it replaces: 5-19 us of the forward +
-    // backward that frozen_statistics measures)
+    // backward that kept_statistics measures)
     if (!at::GradMode::is_enabled() && direct_cpu(sum_centered) && direct_cpu(invstd) &&
         !needs_grad(ctx, first + 3) &&
         weight.scalar_type() == sum_centered.scalar_type() &&
