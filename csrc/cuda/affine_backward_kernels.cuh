@@ -164,22 +164,13 @@ struct SumPlanesKernel {
       const index_t first = c * plane_vecs.d;
       acc_t sum_g(0), sum_gx(0);
       for (index_t base = begin + t.thread.x; base < end; base += threads * kUnroll) {
-        typename Op::template Regs<VEC> r[kUnroll];
-        index_t at[kUnroll];
+        unrolled_step<VEC, kUnroll>(
+            op, base, threads, end,
+            [&](index_t v) { return (v + plane_vecs.div(v) * gap + first) * VEC; },
+            [&](auto& r, index_t) {
 #pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
-          const index_t v = base + k * threads;
-          at[k] = (v + plane_vecs.div(v) * gap + first) * VEC;
-          if (v < end) op.template load<VEC>(at[k], r[k]);
-        }
-#pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
-          if (base + k * threads < end) {
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) op.template apply<VEC>(r[k], j, m, s, sum_g, sum_gx);
-            op.template store<VEC>(at[k], r[k]);
-          }
-        }
+              for (int j = 0; j < VEC; ++j) op.template apply<VEC>(r, j, m, s, sum_g, sum_gx);
+            });
       }
       shared.put(t.thread.x, sum_g, sum_gx);
     } else if constexpr (P == 1) {
@@ -238,22 +229,14 @@ struct SumRowsKernel {
         const index_t end = begin + chunk_rows < rows ? begin + chunk_rows : rows;
         const index_t threads = t.block_dim.y;
         for (index_t base = begin + t.thread.y; base < end; base += threads * kUnroll) {
-          typename Op::template Regs<VEC> r[kUnroll];
-          index_t at[kUnroll];
+          unrolled_step<VEC, kUnroll>(
+              op, base, threads, end, [&](index_t row) { return row * C + first; },
+              [&](auto& r, index_t) {
 #pragma unroll
-          for (int k = 0; k < kUnroll; ++k) {
-            const index_t row = base + k * threads;
-            at[k] = row * C + first;
-            if (row < end) op.template load<VEC>(at[k], r[k]);
-          }
-#pragma unroll
-          for (int k = 0; k < kUnroll; ++k) {
-            if (base + k * threads < end) {
-#pragma unroll
-              for (int j = 0; j < VEC; ++j) op.template apply<VEC>(r[k], j, m[j], s[j], sum_g[j], sum_gx[j]);
-              op.template store<VEC>(at[k], r[k]);
-            }
-          }
+                for (int j = 0; j < VEC; ++j) {
+                  op.template apply<VEC>(r, j, m[j], s[j], sum_g[j], sum_gx[j]);
+                }
+              });
         }
       }
       const index_t at = t.thread.y * width + t.thread.x * VEC;

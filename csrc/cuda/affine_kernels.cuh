@@ -67,6 +67,29 @@ FROZENNORM_HD acc_t load_stat(const void* p, StatType t, int64_t c) {
   }
 }
 
+// One step of a thread's walk over dense data: the items base + k * spacing (k < UNROLL)
+// below `end`, each a vector at element offset at(item), all loaded before the first is
+// applied (apply(regs, offset)) and stored back at its offset.
+template <int VEC, int UNROLL, typename Op, typename index_t, typename At, typename Apply>
+FROZENNORM_HD void unrolled_step(const Op& op, index_t base, index_t spacing, index_t end,
+                                 const At& at, const Apply& apply) {
+  typename Op::template Regs<VEC> r[UNROLL];
+  index_t offset[UNROLL];
+#pragma unroll
+  for (int k = 0; k < UNROLL; ++k) {
+    const index_t item = base + k * spacing;
+    offset[k] = at(item);
+    if (item < end) op.template load<VEC>(offset[k], r[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < UNROLL; ++k) {
+    if (base + k * spacing < end) {
+      apply(r[k], offset[k]);
+      op.template store<VEC>(offset[k], r[k]);
+    }
+  }
+}
+
 // The frozen statistics (weight and bias may be null: affine=False).
 template <typename acc_t>
 struct StatsSource {
@@ -183,20 +206,9 @@ struct PlanesKernel {
     const index_t step = static_cast<index_t>(t.grid.x) * threads * UNROLL;
     for (index_t base = static_cast<index_t>(t.block.x) * threads * UNROLL + t.thread.x; base < nvec;
          base += step) {
-      typename Op::template Regs<VEC> r[UNROLL];
-#pragma unroll
-      for (int k = 0; k < UNROLL; ++k) {
-        const index_t v = base + k * threads;
-        if (v < nvec) op.template load<VEC>(v * VEC, r[k]);
-      }
-#pragma unroll
-      for (int k = 0; k < UNROLL; ++k) {
-        const index_t v = base + k * threads;
-        if (v < nvec) {
-          apply<VEC>(v * VEC, r[k]);
-          op.template store<VEC>(v * VEC, r[k]);
-        }
-      }
+      unrolled_step<VEC, UNROLL>(
+          op, base, threads, nvec, [](index_t v) { return v * VEC; },
+          [&](auto& r, index_t i) { apply<VEC>(i, r); });
     }
     if constexpr (VEC > 1) {  // the numel % VEC elements after the last whole vector
       const index_t i = nvec * VEC + static_cast<index_t>(t.block.x) * threads + t.thread.x;
@@ -253,22 +265,12 @@ struct RowsKernel {
     const index_t step = static_cast<index_t>(t.grid.y) * threads * UNROLL;
     for (index_t base = static_cast<index_t>(t.block.y) * threads * UNROLL + t.thread.y; base < rows;
          base += step) {
-      typename Op::template Regs<VEC> r[UNROLL];
-      index_t at[UNROLL];
+      unrolled_step<VEC, UNROLL>(
+          op, base, threads, rows, [&](index_t row) { return row * C + first; },
+          [&](auto& r, index_t) {
 #pragma unroll
-      for (int k = 0; k < UNROLL; ++k) {
-        const index_t row = base + k * threads;
-        at[k] = row * C + first;
-        if (row < rows) op.template load<VEC>(at[k], r[k]);
-      }
-#pragma unroll
-      for (int k = 0; k < UNROLL; ++k) {
-        if (base + k * threads < rows) {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) op.template apply<VEC>(r[k], j, p[j]);
-          op.template store<VEC>(at[k], r[k]);
-        }
-      }
+            for (int j = 0; j < VEC; ++j) op.template apply<VEC>(r, j, p[j]);
+          });
     }
   }
 };

@@ -53,8 +53,8 @@ MUTATIONS = [
         "row-stride",
         "the rows kernel steps C + 1 elements from row to row: the bounds and store-count checks",
         "csrc/cuda/affine_kernels.cuh",
-        "at[k] = row * C + first;",
-        "at[k] = row * (C + 1) + first;",
+        "return row * C + first;",
+        "return row * (C + 1) + first;",
         "test_emulated_layouts and channels_last",
         r"outside every tensor of the op|stored twice|stored 0 times"),
     Mutation(
