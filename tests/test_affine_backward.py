@@ -290,6 +290,32 @@ def test_same_bits_for_any_thread_count(dtype, layout):
         check_against_oracle(*args, act, out=results[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", [IDENTITY, RELU])
+@pytest.mark.parametrize("plane", [[7, 7], [4, 4], [5, 9], [2, 3]])
+def test_a_channels_sums_do_not_depend_on_its_neighbours(dtype, activation, plane):
+    """Channels with the same data and parameters get the same bits, whichever of the CPU
+    kernel's paths summed them: on x86, short planes go a vector's width of channels at a
+    time (their lane vectors reduced together, group_lanes) and the channels left over one
+    by one (plane_run); 33 channels (2 x 16 + 1) take both with 8 and with 16 lanes."""
+    C, N = 33, 8
+    gen = torch.Generator().manual_seed(3)
+
+    def same_in_every_channel():  # magnitudes over 2^-6..2^6: sums that round at every add
+        one = torch.randn([N, 1] + plane, generator=gen, dtype=torch.float64)
+        one = one * 2.0 ** torch.randint(-6, 7, one.shape, generator=gen)
+        return one.to(dtype).expand([N, C] + plane).contiguous()
+
+    g, x, saved = same_in_every_channel(), same_in_every_channel(), same_in_every_channel()
+    acc = compute_dtype(dtype, torch.float32)
+    mean, scale = torch.full((C,), 0.3, dtype=acc), torch.full((C,), 1.7, dtype=acc)
+    grad_input, _, sum_grad, sum_centered = affine_backward(
+        g, x, None if activation == IDENTITY else saved, mean, scale, activation, True, False)
+    for t in (sum_grad, sum_centered, grad_input.transpose(0, 1)):
+        assert torch.equal(t, t[:1].expand_as(t)), t
+    assert sum_centered.abs().min() > 0  # the data are not trivially summed
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_outputs_stream_with_the_same_bits(layout):
     """Outputs of 16 MiB and more are written with non-temporal stores (planes whose runs
