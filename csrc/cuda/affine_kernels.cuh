@@ -21,8 +21,9 @@
 //
 // The three element kernels run an Op (AffineOp below; the fused epilogues in
 // act_kernels.cuh) Op::kUnroll vectors per thread and step, every load issued before the
-// first store, so that enough bytes are in flight: 64 per thread with 16-byte vectors (SiLU:
-// 16 or 32, act_kernels.cuh). An Op provides
+// first store (unrolled_step; the strided kernel's own loop), so that enough bytes are in
+// flight: 64 per thread with 16-byte vectors (SiLU: 16 or 32, act_kernels.cuh). An Op
+// provides
 //   using acc_t;                                         the compute type
 //   static constexpr int kUnroll;                        vectors per thread and step
 //   template <int VEC> struct Regs;                      one vector's registers
