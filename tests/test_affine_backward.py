@@ -420,8 +420,8 @@ def test_module_level_gradients_match_the_fallback(dtype, activation, layout):
     saved = None if act == IDENTITY else (preact if act == SILU else out)
     fb = frozen_bn_affine_backward_fallback(g, s.x, saved, s.mean, scale, act, True, True)
     invstd = torch.sqrt(s.var.to(scale.dtype) + s.eps).reciprocal()
-    fallback = fb[:2] + statistics_grads((True, True, False, False), fb[2], fb[3], scale, invstd,
-                                         weight, bias.dtype, s.mean, s.var)[:2]
+    fallback = fb[:2] + statistics_grads((True, True, False, False), fb[2], fb[3], scale, weight,
+                                         bias.dtype, s.mean, s.var, s.eps)[:2]
 
     ga = exact_ga(g, saved, act)
     err = ga_error(g, saved, ga, act, dtype, scale.dtype)

@@ -175,10 +175,12 @@ def _save_statistics(ctx, scale, saved, input, weight, bias, running_mean, runni
     return ctx.stats_grad
 
 
-def statistics_grads(needs, sum_grad, sum_centered, scale, invstd, weight, bias_dtype, mean, var):
+def statistics_grads(needs, sum_grad, sum_centered, scale, weight, bias_dtype, mean, var, eps):
     """The gradients of weight, bias, running_mean, running_var from the per-channel sums of
     the BatchNorm output's gradient g and of g * (input - mean) (the formulas of
-    csrc/autograd.cpp): ``needs`` says which (in that order)."""
+    csrc/autograd.cpp, and its rule for 1 / sqrt(var + eps): at::rsqrt): ``needs`` says which
+    (in that order)."""
+    invstd = torch.rsqrt(var.to(scale.dtype) + eps)
     grad_weight = (sum_centered * invstd).to(weight.dtype) if needs[0] else None
     grad_bias = sum_grad.to(bias_dtype) if needs[1] else None
     grad_mean = (-sum_grad * scale).to(mean.dtype) if needs[2] else None
@@ -205,13 +207,12 @@ def _frozen_bn_backward_formula(ctx, grad_output, _grad_scale):
 
     forward_scale, _, input, weight, mean, var = ctx.saved_tensors
     acc = forward_scale.dtype
-    invstd = torch.rsqrt(var.to(acc) + ctx.eps)  # the compiled backward's rule (at::rsqrt)
     if not torch.is_grad_enabled():  # one fused pass
         grad_input, _, g_sum, g_xc = torch.ops.frozennorm.frozen_bn_affine_backward(
             grad_output, input, None, mean, forward_scale, IDENTITY, needs[0], False)
         return ((grad_input if needs[0] else None,)
-                + statistics_grads(needs[1:5], g_sum, g_xc, forward_scale, invstd, weight,
-                                   ctx.bias_dtype, mean, var) + (None,))
+                + statistics_grads(needs[1:5], g_sum, g_xc, forward_scale, weight,
+                                   ctx.bias_dtype, mean, var, ctx.eps) + (None,))
     # A double backward: differentiable ATen formulas. One rule for the scale: the forward's
     # value, with the formula's derivative (csrc/autograd.cpp says why this is exact).
     formula = channel_scale(weight, var, ctx.eps, acc)
@@ -221,8 +222,8 @@ def _frozen_bn_backward_formula(ctx, grad_output, _grad_scale):
     g = grad_output.to(acc)
     g_sum = g.sum(dims)
     g_xc = (g * (input.to(acc) - channel_view(mean.to(acc), input.dim()))).sum(dims)
-    return ((grad_input,) + statistics_grads(needs[1:5], g_sum, g_xc, scale, invstd, weight,
-                                            ctx.bias_dtype, mean, var) + (None,))
+    return ((grad_input,) + statistics_grads(needs[1:5], g_sum, g_xc, scale, weight,
+                                            ctx.bias_dtype, mean, var, ctx.eps) + (None,))
 
 
 def _frozen_bn_backward_setup_context(ctx, inputs, output):
@@ -264,10 +265,9 @@ def _frozen_bn_act_backward_formula(ctx, grad_output, _grad_scale, _grad_preact)
         scale, saved, input, weight, mean, var = ctx.saved_tensors
         grad_input, grad_residual, g_sum, g_xc = torch.ops.frozennorm.frozen_bn_affine_backward(
             grad_output, input, saved, mean, scale, ctx.activation, need_input, need_residual)
-        invstd = torch.rsqrt(var.to(scale.dtype) + ctx.eps)
         return ((grad_input if need_input else None, grad_residual if need_residual else None)
-                + statistics_grads(needs[2:6], g_sum, g_xc, scale, invstd, weight,
-                                   ctx.bias_dtype, mean, var) + (None, None, None))
+                + statistics_grads(needs[2:6], g_sum, g_xc, scale, weight, ctx.bias_dtype, mean,
+                                   var, ctx.eps) + (None, None, None))
     scale, saved = ctx.saved_tensors
     if ctx.activation == IDENTITY:
         grad_input = torch.ops.frozennorm.frozen_bn_backward(grad_output, scale) if need_input else None
