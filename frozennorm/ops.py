@@ -125,8 +125,11 @@ def frozen_batch_norm_act(input: Tensor, running_mean: Tensor, running_var: Tens
             y = frozen_batch_norm(input, running_mean, running_var, weight, bias, eps)
             y = y.add_(residual) if inplace_add else y + residual
             return apply_activation(y, code)
-    # (the compiled autograd decides by itself what to keep; the fallback's needs this)
-    keep = activation == "silu" and torch.is_grad_enabled()
+    # Whether the forward writes SiLU's pre-activation for the backward: the compiled
+    # autograd decides that by itself; the fallback's needs it said. Not in a torch.jit.trace:
+    # the graph it records must not depend on the grad mode it was traced in (its checker
+    # reruns under no_grad); the fallback's autograd then computes the pre-activation itself.
+    keep = activation == "silu" and torch.is_grad_enabled() and not torch.jit.is_tracing()
     if not torch.jit.is_scripting():
         if use_composite():
             y = frozen_batch_norm(input, running_mean, running_var, weight, bias, eps)

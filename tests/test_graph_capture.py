@@ -231,6 +231,33 @@ def test_torchscript_modules(make, shape):
         torch.jit.script(m)(torch.randn(shape[0], 7, *shape[2:]))
 
 
+@pytest.mark.parametrize("trace_grad", [True, False], ids=["traced-with-grad", "traced-no-grad"])
+@pytest.mark.parametrize("act", ["silu", "relu", "identity"])
+def test_trace_of_bn_act_is_grad_mode_free(act, trace_grad):
+    """torch.jit.trace of the fused BN + activation (and its trace check, which reruns the
+    function under no_grad) records the same graph in either grad mode, and the traced
+    function trains like the eager one whichever mode it was traced in."""
+    mod = {"silu": nn.SiLU(), "relu": nn.ReLU(), "identity": nn.Identity()}[act]
+    m = randomise_frozen(frozennorm.FrozenBatchNormAct2d(4, act=mod, trainable_affine=True))
+    x = torch.randn(2, 4, 5, 5) * 3
+    r = torch.randn_like(x)
+    f = lambda x, r, w, b: frozennorm.frozen_batch_norm_act(  # noqa: E731
+        x, m.running_mean, m.running_var, w, b, m.eps, act, r)
+    args = (x, r, m.weight.detach(), m.bias.detach())
+    with torch.set_grad_enabled(trace_grad):
+        traced = [torch.jit.trace(m, (x,)), torch.jit.trace(f, args)]
+    for fn, t, args in ((m, traced[0], (x,)), (f, traced[1], args)):
+        assert torch.equal(t(*args), fn(*args))
+        grads = []
+        for call in (fn, t):
+            xs = [a.detach().requires_grad_() for a in args]
+            out = call(*xs)
+            wrt = xs + ([m.weight, m.bias] if call in (m, traced[0]) else [])
+            grads.append(torch.autograd.grad(out, wrt, torch.ones_like(out)))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want)
+
+
 def randomise_frozen(m):
     with torch.no_grad():
         m.running_mean.normal_()

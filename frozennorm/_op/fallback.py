@@ -248,6 +248,12 @@ def _frozen_bn_act_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(scale, preact)
     ctx.set_materialize_grads(False)
     ctx.activation = activation
+    if activation == SILU and preact.numel() != out.numel():
+        # not written by the forward (asked not to: a torch.jit.trace records no grad mode)
+        with torch.no_grad():
+            preact, _ = frozen_bn_fallback(input, weight, bias, running_mean, running_var, eps)
+            if residual is not None:
+                preact = preact + residual
     saved = None if activation == IDENTITY else (preact if activation == SILU else out)
     _save_statistics(ctx, scale, saved, input, weight, bias, running_mean, running_var, eps)
 
