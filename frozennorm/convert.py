@@ -498,6 +498,9 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target],
         target = FrozenBatchNorm  # the subclass accepts other ranks than its base
     # (frozen sources have no momentum: a reverted layer gets BatchNorm's default)
     origin = {"class": _full_path(base), "momentum": getattr(module, "momentum", 0.1)}
+    count = _tensor(module, "num_batches_tracked")
+    if count is not None and count.numel() == 1 and not count.is_meta:
+        origin["num_batches_tracked"] = int(count)  # what momentum=None averages with
 
     def make(old: nn.Module, training: bool) -> nn.Module:
         new = target.from_batchnorm(old, eps, trainable_affine)
@@ -807,10 +810,16 @@ def _unfreeze_verdict(module: nn.Module) -> Optional[_Verdict]:
     if cls is None:
         return _Verdict(reason=SkipReason.UNSUPPORTED, detail=why)
     origin = getattr(module, ORIGIN_ATTR, None)
-    momentum = origin.get("momentum", 0.1) if isinstance(origin, dict) else 0.1
+    origin = origin if isinstance(origin, dict) else {}
+    momentum = origin.get("momentum", 0.1)
+    count = origin.get("num_batches_tracked", 0)
 
     def make(old: nn.Module, training: bool) -> nn.Module:
-        return _build_live(cls, old, momentum, training)
+        live = _build_live(cls, old, momentum, training)
+        tracked = _tensor(live, "num_batches_tracked")
+        if tracked is not None:
+            tracked.fill_(count)
+        return live
 
     return _Verdict(make=make, target=cls)
 
@@ -844,9 +853,11 @@ def revert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: Pa
     Each new layer has ``affine=True`` and ``track_running_stats=True``, weight and bias as
     trainable Parameters (``requires_grad=True``: a trainable-affine layer's own Parameter
     objects, which an optimizer that holds them keeps training; new ones where they were
-    buffers), running statistics that are bit-identical copies, ``num_batches_tracked`` 0,
-    and the train/eval mode of its parent. Rebuild the optimizer afterwards where weight and
-    bias were buffers: the new parameters are not in the old one.
+    buffers), running statistics that are bit-identical copies, the ``num_batches_tracked``
+    the layer had when :func:`convert_frozen_bn` converted it (0 for other frozen layers;
+    ``momentum=None`` averages with it), and the train/eval mode of its parent. Rebuild the
+    optimizer afterwards where weight and bias were buffers: the new parameters are not in
+    the old one.
 
     ``include``, ``exclude``, ``predicate``, ``strict`` and ``report`` work as in
     :func:`convert_frozen_bn` (e.g. ``include="backbone.body.layer4"`` unfreezes one stage).
