@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .act import FrozenBatchNormAct2d
 from .fuse import unfuse
 from .modules import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
-                      is_frozen_batchnorm, looks_frozen)
+                      check_trainable_affine, is_frozen_batchnorm, looks_frozen)
 
 __all__ = [
     "convert_frozen_bn",
@@ -118,6 +118,11 @@ class ConversionReport:
     #: Layers whose statistics were never trained (running_mean 0, running_var 1,
     #: num_batches_tracked 0): freezing them freezes an identity normalisation.
     untrained: List[str] = dataclasses.field(default_factory=list)
+    #: frozennorm layers in scope, already frozen, whose weight and bias are not what an
+    #: explicit ``trainable_affine=True``/``False`` asks for: left as they are.
+    other_variant: List[str] = dataclasses.field(default_factory=list)
+    #: The ``trainable_affine`` convert_frozen_bn was given (None for revert_frozen_bn).
+    trainable_affine: Union[None, bool, str] = None
 
     @property
     def problems(self) -> List[ConversionRecord]:
@@ -144,6 +149,10 @@ class ConversionReport:
             lines.append(f"statistics never trained: {len(self.untrained)} layer(s) "
                          f"({', '.join(self.untrained[:4])}"
                          f"{', ...' if len(self.untrained) > 4 else ''})")
+        if self.other_variant:
+            lines.append(f"already frozen, the other variant kept: {len(self.other_variant)} "
+                         f"layer(s) ({', '.join(self.other_variant[:4])}"
+                         f"{', ...' if len(self.other_variant) > 4 else ''})")
         return "\n".join(lines)
 
 
@@ -427,6 +436,14 @@ def _complain(report: ConversionReport, strict: bool, caller: str, left: str) ->
             f"trained (running_mean 0, running_var 1, num_batches_tracked 0), which freezing "
             f"keeps for good: {_names(report.untrained)}. Load the pretrained weights before "
             f"converting.")
+    if report.other_variant:
+        have, asked = (("frozen buffers", "trainable") if report.trainable_affine is True
+                       else ("trainable Parameters", "frozen"))
+        sections.append(
+            f"{caller}: {len(report.other_variant)} layer(s) were already frozen by frozennorm "
+            f"with weight and bias as {have}, and an already frozen layer is left as it is: "
+            f"{_names(report.other_variant)}. To make them {asked}, revert_frozen_bn them "
+            f"first, then convert again.")
     unknown = [r for r in report.skipped if r.reason is SkipReason.UNKNOWN_FROZEN]
     if not sections and not unknown:
         return
@@ -489,6 +506,14 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target],
         return _Verdict(reason=SkipReason.NO_RUNNING_STATS, detail=(
             "track_running_stats=False: it normalises with the batch's statistics in every "
             "mode and has none to freeze"))
+    parametrized = _parametrized_affine(module)
+    if trainable_affine and parametrized:
+        return _Verdict(reason=SkipReason.UNSUPPORTED, detail=(
+            f"its {' and '.join(parametrized)} {'is' if len(parametrized) == 1 else 'are'} "
+            f"parametrized (torch.nn.utils.parametrize), which a frozen layer's trainable "
+            f"Parameters cannot keep; remove the parametrization "
+            f"first (parametrize.remove_parametrizations), or freeze weight and bias with the "
+            f"statistics (trainable_affine=False)"))
     flags = [f for f in ("channel_last", "fuse_relu") if getattr(module, f, False)]
     if _package(base) == "apex" and flags:
         return _Verdict(reason=SkipReason.UNSUPPORTED, detail=(
@@ -600,15 +625,14 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
                 and eps_ok):
             raise TypeError(f"classes[{cls!r}] must be a frozennorm FrozenBatchNorm class or "
                             f"a (class, eps) pair, got {target!r}")
-    if trainable_affine not in (None, False, True, "source"):
-        raise ValueError(f"trainable_affine must be None, False, True or 'source', got "
-                         f"{trainable_affine!r}")
+    check_trainable_affine(trainable_affine, (None, False, True, "source"))
     affine = trainable_affine or False
     scope = Scope.build(include, exclude, predicate)
     result, rep = _run(module, lambda m: _freeze_verdict(m, extra, affine), scope, strict,
                        "convert_frozen_bn", "converted",
                        "BatchNorm layer(s) as they are (their statistics still update in train())",
-                       review=lambda entries, r: _review_freeze(entries, r, trainable_affine))
+                       review=lambda entries, r: _review_freeze(entries, r, trainable_affine,
+                                                                module, scope))
     if rep.converted:
         _adapt_reparameterizers(result)
     return (result, rep) if report else result
@@ -667,6 +691,11 @@ def _adapt_reparameterizers(root: nn.Module) -> None:
             m.__dict__[_FUSE_BN_TENSOR] = BatchNormView(m)
 
 
+def _parametrized_affine(module: nn.Module) -> List[str]:
+    """The names among weight and bias that torch.nn.utils.parametrize computes."""
+    return [n for n in ("weight", "bias") if torch.nn.utils.parametrize.is_parametrized(module, n)]
+
+
 def _is_untrained(module: nn.Module) -> bool:
     """Statistics as a fresh BatchNorm has them: running_mean 0, running_var 1 and
     num_batches_tracked 0 (a layer without the counter: also weight 1 and bias 0)."""
@@ -686,16 +715,27 @@ def _is_untrained(module: nn.Module) -> bool:
 
 
 def _review_freeze(entries: List["_Entry"], report: ConversionReport,
-                   trainable_affine: Optional[bool]) -> None:
-    """Records what converting the planned layers would silently change."""
+                   trainable_affine: Union[None, bool, str], root: nn.Module,
+                   scope: "Scope") -> None:
+    """Records what converting the planned layers would silently change, and the frozen
+    layers in scope that an explicit ``trainable_affine`` would not change."""
+    report.trainable_affine = trainable_affine
+    if isinstance(trainable_affine, bool):
+        report.other_variant += [
+            name or "<root>" for name, m in root.named_modules()
+            if isinstance(m, FrozenBatchNorm) and m.trainable_affine != trainable_affine
+            and scope.selects(name, m)]
     for e in entries:
         if e.verdict.make is None:
             continue
         if trainable_affine is None:
+            prefix = f"{e.name}." if e.name else ""
             report.frozen_parameters += [
-                f"{e.name}.{n}" if e.name else n
-                for n, p in e.module.named_parameters(recurse=False)
+                prefix + n for n, p in e.module.named_parameters(recurse=False)
                 if n in ("weight", "bias") and p.requires_grad]
+            report.frozen_parameters += [  # what a parametrization computes them from
+                f"{prefix}parametrizations.{n}.{k}" for n in _parametrized_affine(e.module)
+                for k, p in e.module.parametrizations[n].named_parameters() if p.requires_grad]
         if _is_untrained(e.module):
             report.untrained.append(e.name or "<root>")
 

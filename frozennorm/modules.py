@@ -25,6 +25,18 @@ def _drops_below_fp32(old: Tensor, new: Tensor) -> bool:
             and old.dtype not in _LOW_PRECISION and torch.finfo(new.dtype).bits < 32)
 
 
+def check_trainable_affine(value: object, allowed: Tuple[object, ...]) -> None:
+    """Raises for a ``trainable_affine`` that is not one of ``allowed`` (among None, False,
+    True and "source") by type as well as value: ``1`` or ``"false"`` would otherwise pass
+    as True or as "source" and give another variant than the one meant."""
+    def same(a: object, b: object) -> bool:
+        return a is b if not isinstance(b, str) else (isinstance(a, str) and a == b)
+    if not any(same(value, a) for a in allowed):
+        names = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"trainable_affine must be one of {names}, got {value!r} "
+                        f"({type(value).__name__})")
+
+
 class FrozenBatchNorm(nn.Module):
     """BatchNorm with frozen statistics and affine parameters, for inputs ``(N, C, *)``.
 
@@ -67,6 +79,7 @@ class FrozenBatchNorm(nn.Module):
                  device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        check_trainable_affine(trainable_affine, (False, True))
         if num_features <= 0:
             raise ValueError(f"num_features must be positive, got {num_features}")
         self.num_features = int(num_features)
@@ -167,9 +180,7 @@ class FrozenBatchNorm(nn.Module):
         the source's own Parameters as they are (their ``requires_grad`` kept: mmdet's
         ``requires_grad`` and ``frozen_stages``), and frozen buffers where it has none.
         """
-        if trainable_affine not in (False, True, "source"):
-            raise ValueError(f"trainable_affine must be False, True or 'source', got "
-                             f"{trainable_affine!r}")
+        check_trainable_affine(trainable_affine, (False, True, "source"))
         mean = getattr(bn, "running_mean", None)
         var = getattr(bn, "running_var", None)
         if mean is None or var is None:

@@ -121,6 +121,19 @@ def test_convert_modes():
         convert_frozen_bn(tvm.resnet18(), trainable_affine="yes")
 
 
+@pytest.mark.parametrize("value", [1, 0, 1.0, "false", "True"], ids=repr)
+def test_trainable_affine_is_checked_by_type(value):
+    """A value equal to True, False or "source" but not one of them (1 == True) is refused,
+    not taken for the variant its truthiness or equality picks."""
+    with pytest.raises(ValueError, match="trainable_affine must be one of"):
+        convert_frozen_bn(nn.Sequential(nn.BatchNorm2d(3)), trainable_affine=value)
+    with pytest.raises(ValueError, match="trainable_affine must be one of"):
+        FrozenBatchNorm2d.from_batchnorm(nn.BatchNorm2d(3), trainable_affine=value)
+    for cls in (FrozenBatchNorm2d, FrozenBatchNormAct2d):
+        with pytest.raises(ValueError, match="trainable_affine must be one of"):
+            cls(3, trainable_affine=value)
+
+
 def test_the_default_names_the_trainable_variant():
     with pytest.warns(FrozenNormWarning, match=r'trainable_affine="source" to keep them trainable'):
         convert_frozen_bn(randomize_norm_stats_(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))))
@@ -310,3 +323,50 @@ def test_statistics_as_a_tensor_subclass_with_trainable_weight_and_bias():
     got = (wrapped,) + torch.autograd.grad((wrapped ** 2).sum(), (x, w, b))
     for a, e in zip(got, want):
         torch.testing.assert_close(a.elem if isinstance(a, _Wrapped) else a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first,second", [(False, True), (True, False)])
+def test_a_second_call_names_the_variant_it_does_not_change(first, second):
+    """convert_frozen_bn(model, trainable_affine=True) on layers frozen with buffers (or
+    False on trainable ones) leaves them as they are, and says so (strict: an error)."""
+    model = randomize_norm_stats_(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4),
+                                                nn.Sequential(nn.BatchNorm2d(4))))
+    model = convert_frozen_bn(model, trainable_affine=first, include="1")
+    with pytest.warns(FrozenNormWarning, match=r"1 layer\(s\) were already frozen.*: 1\. To make "
+                      f"them {'trainable' if second else 'frozen'}, revert_frozen_bn"):
+        model, rep = convert_frozen_bn(model, trainable_affine=second, report=True)
+    assert rep.other_variant == ["1"] and [r.name for r in rep.converted] == ["2.0"]
+    assert model[1].trainable_affine is first and model[2][0].trainable_affine is second
+    with pytest.raises(ValueError, match="already frozen"):
+        convert_frozen_bn(model, trainable_affine=second, strict=True)
+    # the same variant, "source" or the default: nothing to say about layer 1
+    for again in (first, "source"):
+        convert_frozen_bn(model, trainable_affine=again, include="1", strict=True)
+
+
+class _Positive(nn.Module):
+    def forward(self, w):
+        return w.abs() + 0.1
+
+
+def test_a_parametrized_weight_is_not_dropped():
+    """A BatchNorm whose weight torch.nn.utils.parametrize computes: trainable variants
+    cannot keep the parametrization, so the layer is left live with a warning that says
+    why; fully freezing it freezes the computed weight, and names what was trained."""
+    from torch.nn.utils import parametrize
+
+    def make():
+        m = randomize_norm_stats_(nn.Sequential(nn.BatchNorm2d(4)))
+        parametrize.register_parametrization(m[0], "weight", _Positive())
+        return m
+    x = torch.randn(2, 4, 3, 3)
+    for variant in ("source", True):
+        with pytest.warns(FrozenNormWarning, match="its weight is parametrized"):
+            m = convert_frozen_bn(make(), trainable_affine=variant)
+        assert isinstance(m[0], nn.BatchNorm2d) and parametrize.is_parametrized(m[0], "weight")
+    ref = make().eval()
+    with pytest.warns(FrozenNormWarning, match=r"froze 2 parameter\(s\).*0\.bias, "
+                      r"0\.parametrizations\.weight\.original"):
+        frozen = convert_frozen_bn(make())
+    assert isinstance(frozen[0], FrozenBatchNorm2d) and not frozen[0].trainable_affine
+    assert_close_rel(frozen(x), ref(x), rtol=1e-5)
