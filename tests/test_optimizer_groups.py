@@ -1,8 +1,9 @@
 """Optimizer parameter groups of models converted with trainable weight and bias
 (``trainable_affine="source"``) against the unconverted models, with builders that exempt
-norm parameters from weight decay by shape or name (timm). The builders that go by class
-have their own tests: mmengine's constructor in test_mmdet.py, Ultralytics'
-``build_optimizer`` in test_ultralytics.py. (detectron2's ``get_default_optimizer_params``,
+norm parameters from weight decay by shape or name (timm), and torchvision's split by class
+with frozennorm's class added. The other builders that go by class have their own tests:
+mmengine's constructor in test_mmdet.py, Ultralytics' ``build_optimizer`` in
+test_ultralytics.py. (detectron2's ``get_default_optimizer_params``,
 a tuple of torch norm classes, is not tested: detectron2 is not on PyPI.)"""
 import pytest
 import torch
@@ -50,3 +51,24 @@ def test_timm_weight_decay_groups_match(name, act_layers):
     no_decay = {i for ids, opts in want["param_groups_weight_decay"] if opts["weight_decay"] == 0
                 for i in ids}
     assert {id(p) for m in frozen for p in m.parameters() if p.requires_grad} <= no_decay
+
+
+#: torchvision's default norm classes for split_normalization_params, and frozennorm's
+TV_NORMS = [torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
+            torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_norm_split_with_frozen_classes(name):
+    """torchvision's ``split_normalization_params`` (its classification reference's
+    ``--norm-weight-decay``) goes by class: with ``FrozenBatchNorm`` added to its norm
+    classes (docs/frameworks.md), a converted model splits as the unconverted one did."""
+    models = pytest.importorskip("torchvision.models")
+    split = pytest.importorskip("torchvision.ops._utils").split_normalization_params
+    model = randomize_norm_stats_(getattr(models, name)(num_classes=10))
+    ids = lambda parts: [[id(p) for p in part] for part in parts]  # noqa: E731
+    want = ids(split(model))
+    convert_frozen_bn(model, trainable_affine="source")
+    assert ids(split(model))[0] == []  # the default classes miss every frozen layer
+    assert ids(split(model, norm_classes=TV_NORMS + [FrozenBatchNorm])) == want
+    assert want[0]
