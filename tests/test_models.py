@@ -5,8 +5,8 @@ converted model in ``train()`` mode (dropout-like layers off) gives the original
 ``eval()`` output: float32, each element within 1e-5 of its float64 value (relative to
 it plus its tensor's rms: the fused op rounds differently from ``nn.BatchNorm2d``'s
 ``x * alpha + beta``, which itself stays within 2e-6); no statistic moves;
-``revert_frozen_bn`` gives the original back (same classes, bit-identical state dict but
-for ``num_batches_tracked``, bit-identical eval output).
+``revert_frozen_bn`` gives the original back (same classes, bit-identical state dict,
+``num_batches_tracked`` included where the original had it, bit-identical eval output).
 
 Detection models in train mode compute losses, so what is compared is the part that holds
 the BatchNorm layers: the backbone's feature maps (and, where the heads have BatchNorm,
@@ -78,10 +78,10 @@ def check_model(model: nn.Module, x: Any, forward: Callable[[nn.Module, Any], An
     assert ([k for k in back_sd if not k.endswith(counter)]
             == [k for k in orig_sd if not k.endswith(counter)])
     for k, v in back_sd.items():
-        if k.endswith(counter):
-            assert v.item() == 0
-        else:
+        if k in orig_sd:  # num_batches_tracked included
             assert torch.equal(v, orig_sd[k]), k
+        else:  # a counter the original's frozen layers did not have
+            assert k.endswith(counter) and v.item() == 0, k
     with torch.no_grad():
         again = forward(back.eval(), x)
     if was_live:
