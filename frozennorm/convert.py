@@ -511,8 +511,8 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target],
         return _Verdict(reason=SkipReason.UNSUPPORTED, detail=(
             f"its {' and '.join(parametrized)} {'is' if len(parametrized) == 1 else 'are'} "
             f"parametrized (torch.nn.utils.parametrize), which a frozen layer's trainable "
-            f"Parameters cannot keep; remove the parametrization "
-            f"first (parametrize.remove_parametrizations), or freeze weight and bias with the "
+            f"Parameters cannot keep; remove the parametrization first "
+            f"(parametrize.remove_parametrizations), or freeze weight and bias with the "
             f"statistics (trainable_affine=False)"))
     flags = [f for f in ("channel_last", "fuse_relu") if getattr(module, f, False)]
     if _package(base) == "apex" and flags:

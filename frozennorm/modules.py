@@ -34,7 +34,7 @@ def check_trainable_affine(value: object, allowed: Tuple[object, ...]) -> None:
     if not any(same(value, a) for a in allowed):
         names = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"trainable_affine must be one of {names}, got {value!r} "
-                        f"({type(value).__name__})")
+                         f"({type(value).__name__})")
 
 
 class FrozenBatchNorm(nn.Module):
