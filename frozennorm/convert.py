@@ -141,18 +141,13 @@ class ConversionReport:
                   + (f" - {r.detail}" if r.detail else "") for r in self.skipped]
         if self.unmatched_patterns:
             lines.append(f"patterns that matched no module: {self.unmatched_patterns}")
-        if self.frozen_parameters:
-            lines.append(f"trainable parameters frozen: {len(self.frozen_parameters)} "
-                         f"({', '.join(self.frozen_parameters[:4])}"
-                         f"{', ...' if len(self.frozen_parameters) > 4 else ''})")
-        if self.untrained:
-            lines.append(f"statistics never trained: {len(self.untrained)} layer(s) "
-                         f"({', '.join(self.untrained[:4])}"
-                         f"{', ...' if len(self.untrained) > 4 else ''})")
-        if self.other_variant:
-            lines.append(f"already frozen, the other variant kept: {len(self.other_variant)} "
-                         f"layer(s) ({', '.join(self.other_variant[:4])}"
-                         f"{', ...' if len(self.other_variant) > 4 else ''})")
+        for title, names in (("trainable parameters frozen: {}", self.frozen_parameters),
+                             ("statistics never trained: {} layer(s)", self.untrained),
+                             ("already frozen, the other variant kept: {} layer(s)",
+                              self.other_variant)):
+            if names:
+                lines.append(f"{title.format(len(names))} ({', '.join(names[:4])}"
+                             f"{', ...' if len(names) > 4 else ''})")
         return "\n".join(lines)
 
 

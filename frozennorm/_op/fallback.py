@@ -106,15 +106,21 @@ def activation_grad(grad: Tensor, saved: Tensor, activation: int) -> Tensor:
     return grad
 
 
+def _preactivation(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                   bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+                   eps: float) -> Tuple[Tensor, Tensor]:
+    """``frozen_bn(input) [+ residual]`` (what the activation is applied to) and the scale."""
+    out, scale = frozen_bn_fallback(input, weight, bias, running_mean, running_var, eps)
+    return (out + residual if residual is not None else out), scale
+
+
 def frozen_bn_act_fallback(input: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                            bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
                            eps: float, activation: int,
                            save_preact: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Pure-PyTorch implementation of ``frozen_bn_act`` (the unfused sequence)."""
     check_act(input, residual, activation)
-    out, scale = frozen_bn_fallback(input, weight, bias, running_mean, running_var, eps)
-    if residual is not None:
-        out = out + residual
+    out, scale = _preactivation(input, residual, weight, bias, running_mean, running_var, eps)
     keep = save_preact and activation == SILU
     preact = out.clone() if keep else input.new_empty((0,))
     return torch.empty_like(out).copy_(apply_activation(out, activation)), scale, preact
@@ -251,9 +257,8 @@ def _frozen_bn_act_setup_context(ctx, inputs, output):
     if activation == SILU and preact.numel() != out.numel():
         # not written by the forward (asked not to: a torch.jit.trace records no grad mode)
         with torch.no_grad():
-            preact, _ = frozen_bn_fallback(input, weight, bias, running_mean, running_var, eps)
-            if residual is not None:
-                preact = preact + residual
+            preact, _ = _preactivation(input, residual, weight, bias, running_mean, running_var,
+                                       eps)
     saved = None if activation == IDENTITY else (preact if activation == SILU else out)
     _save_statistics(ctx, scale, saved, input, weight, bias, running_mean, running_var, eps)
 
