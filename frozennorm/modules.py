@@ -87,7 +87,10 @@ class FrozenBatchNorm(nn.Module):
         # plain attributes, so that the checks below also compile with torch.jit.script
         self._dims: Tuple[int, int] = type(self)._input_dims
         self._name: str = type(self).__name__
-        kw = {"device": device, "dtype": dtype or torch.float32}
+        if dtype is None:  # torch's default, as nn.BatchNorm*d's, but never below float32
+            dtype = torch.get_default_dtype()
+            dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
+        kw = {"device": device, "dtype": dtype}
         weight, bias = torch.ones(num_features, **kw), torch.zeros(num_features, **kw)
         if trainable_affine:
             self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
@@ -96,6 +99,21 @@ class FrozenBatchNorm(nn.Module):
             self.register_buffer("bias", bias)
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0 and variance 1, as ``nn.BatchNorm*d.reset_running_stats`` (only
+        ever called explicitly: meta-device initialisation, e.g. after ``to_empty``)."""
+        with torch.no_grad():
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+
+    def reset_parameters(self) -> None:
+        """The identity layer, as ``nn.BatchNorm*d.reset_parameters``: statistics reset and
+        weight 1, bias 0 (what Lightning/FSDP call on modules materialised from meta)."""
+        self.reset_running_stats()
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
 
     @property
     def trainable_affine(self) -> bool:
@@ -239,19 +257,31 @@ class FrozenBatchNorm(nn.Module):
         version = local_metadata.get("version", None)
         mean_key, var_key = prefix + "running_mean", prefix + "running_var"
         weight_key, bias_key = prefix + "weight", prefix + "bias"
+        # Two kinds of checkpoint lack tensors this layer has, and mean their identity
+        # values. They are read so only where this layer holds those values already (as
+        # built, or on the meta device): a partial state dict (trainable parameters only,
+        # buffers only) never resets what the layer holds, its keys are reported missing.
         if (mean_key in state_dict and weight_key not in state_dict
-                and bias_key not in state_dict):
+                and bias_key not in state_dict and self._holds_identity(self.weight, 1.0)
+                and self._holds_identity(self.bias, 0.0)):
             # an nn.BatchNorm*d(affine=False) checkpoint: it normalised with weight 1, bias 0
-            state_dict[weight_key] = torch.ones_like(self.weight)
-            state_dict[bias_key] = torch.zeros_like(self.bias)
+            state_dict[weight_key] = torch.ones_like(state_dict[mean_key])
+            state_dict[bias_key] = torch.zeros_like(state_dict[mean_key])
         if ((version is None or version < 2) and mean_key not in state_dict
-                and var_key not in state_dict and weight_key in state_dict):
+                and var_key not in state_dict and weight_key in state_dict
+                and self._holds_identity(self.running_mean, 0.0)):
             # detectron2 checkpoints converted from Caffe2 hold only weight and bias, with
             # the statistics already folded in: the identity statistics keep them exact.
-            state_dict[mean_key] = torch.zeros_like(self.running_mean)
-            state_dict[var_key] = torch.ones_like(self.running_var)
+            # (A layer as built holds mean 0; its variance may be detectron2's 1 - eps.)
+            state_dict[mean_key] = torch.zeros_like(state_dict[weight_key])
+            state_dict[var_key] = torch.ones_like(state_dict[weight_key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+    @staticmethod
+    def _holds_identity(t: Tensor, value: float) -> bool:
+        """Whether ``t`` is all ``value``, or has no values yet (the meta device)."""
+        return t.is_meta or bool((t == value).all())
 
 
 class FrozenBatchNorm1d(FrozenBatchNorm):

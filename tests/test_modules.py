@@ -152,14 +152,87 @@ def test_loads_detectron2_state_dicts():
     m.load_state_dict(_metadata_state_dict(
         {"weight": w, "bias": b, "running_mean": mean, "running_var": var}, 3), strict=True)
     assert torch.equal(m.running_var, var)
-    # Caffe2-converted (no version, weight/bias only): identity statistics, folded affine
-    m = FrozenBatchNorm2d(6)
+    # Caffe2-converted (no version, weight/bias only): identity statistics, folded affine;
+    # into a layer as built, and one converted from detectron2's (its variance 1 - eps)
+    for var in (1.0, 1 - 1e-5):
+        m = FrozenBatchNorm2d(6)
+        with torch.no_grad():
+            m.running_var.fill_(var)
+        m.load_state_dict(_metadata_state_dict({"weight": w, "bias": b}, None), strict=True)
+        assert torch.equal(m.running_mean, torch.zeros(6))
+        assert torch.equal(m.running_var, torch.ones(6))
+        x = torch.randn(2, 6, 3, 3)
+        torch.testing.assert_close(
+            m(x), x * w.view(1, -1, 1, 1) / (1 + m.eps) ** 0.5 + b.view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("trainable_affine", [False, True])
+def test_a_partial_state_dict_never_resets_what_the_layer_holds(trainable_affine):
+    # trainable parameters only (no _metadata: a dict comprehension), or buffers only: the
+    # identity values the two checkpoint kinds above stand for must not overwrite a
+    # layer's own; the keys are reported missing, as nn.BatchNorm2d reports them
+    bn = random_bn(nn.BatchNorm2d)
+    x = torch.randn(2, 6, 4, 4)
+    want = bn.eval()(x)
+    sd = FrozenBatchNorm2d.from_batchnorm(bn).state_dict()
+    for keep in (("weight", "bias"), ("running_mean", "running_var")):
+        partial = {k: sd[k].clone() for k in keep}
+        m = FrozenBatchNorm2d.from_batchnorm(bn, trainable_affine=trainable_affine)
+        with pytest.raises(RuntimeError, match="Missing key"):
+            m.load_state_dict(partial, strict=True)
+        result = m.load_state_dict(partial, strict=False)
+        assert sorted(result.missing_keys) == sorted(set(sd) - set(keep))
+        assert torch.equal(m(x), FrozenBatchNorm2d.from_batchnorm(bn)(x))
+        torch.testing.assert_close(m(x), want)
+
+
+def test_affine_false_checkpoint_onto_the_meta_device():
+    # load_state_dict(assign=True) into a layer built on meta: the weight 1 / bias 0 the
+    # checkpoint stands for take its device, not the meta one
+    bn = random_bn(nn.BatchNorm2d, affine=False)
+    with torch.device("meta"):
+        m = FrozenBatchNorm2d(6, eps=bn.eps)
+    m.load_state_dict(bn.state_dict(), strict=True, assign=True)
+    assert not any(t.is_meta for t in m.state_dict().values())
+    x = torch.randn(2, 6, 4, 4)
+    torch.testing.assert_close(m(x), bn.eval()(x))
+
+
+@pytest.mark.parametrize("trainable_affine", [False, True])
+def test_reset_parameters_after_meta_materialisation(trainable_affine):
+    # what Lightning and FSDP do to a module built on meta: to_empty, then reset_parameters
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
+    model = frozennorm.convert_frozen_bn(model, trainable_affine=trainable_affine)
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    ref = nn.BatchNorm2d(6).eval()
+    frozen = model[1]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(frozen, name), getattr(ref, name).detach()), name
+    assert frozen.trainable_affine is trainable_affine
     with torch.no_grad():
-        m.running_mean.fill_(5.0)
-    m.load_state_dict(_metadata_state_dict({"weight": w, "bias": b}, None), strict=True)
-    assert torch.equal(m.running_mean, torch.zeros(6)) and torch.equal(m.running_var, torch.ones(6))
-    x = torch.randn(2, 6, 3, 3)
-    torch.testing.assert_close(m(x), x * w.view(1, -1, 1, 1) / (1 + m.eps) ** 0.5 + b.view(1, -1, 1, 1))
+        frozen.running_mean.fill_(3.0)
+        frozen.running_var.fill_(5.0)
+    frozen.reset_running_stats()
+    assert torch.equal(frozen.running_mean, ref.running_mean)
+    assert torch.equal(frozen.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.float16])
+def test_built_in_the_default_dtype_never_below_float32(default):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        bn, m = nn.BatchNorm2d(4), FrozenBatchNorm2d(4)
+    finally:
+        torch.set_default_dtype(previous)
+    want = torch.float64 if default == torch.float64 else torch.float32
+    assert bn.running_mean.dtype == default
+    assert all(t.dtype == want for t in m.state_dict().values())
+    assert FrozenBatchNorm2d(4, dtype=torch.float16).running_mean.dtype == torch.float16
 
 
 @pytest.mark.parametrize("device", device_params())
