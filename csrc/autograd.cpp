@@ -212,7 +212,8 @@ class FrozenBNFunction : public torch::autograd::Function<FrozenBNFunction> {
     if (save_statistics(ctx, scale, at::Tensor(), input, weight, bias, mean, var, eps)) {
       record_edges(ctx, {true, defined(weight), defined(bias), true, true, false});
     }
-    ctx->mark_non_differentiable({scale});
+    // scale is not differentiable: frozen_bn_autograd returns it detached (marking it so
+    // here would break compiled autograd, whose CppNode asserts nothing was marked)
     ctx->set_materialize_grads(false);  // no zeros for the scale's (never used) gradient
     return {out, scale};
   }
@@ -321,7 +322,7 @@ class FrozenBNActFunction : public torch::autograd::Function<FrozenBNActFunction
                     bias, mean, var, eps);
     record_edges(ctx, {true, defined(residual), defined(weight), defined(bias), true, true, false,
                        false, false});
-    ctx->mark_non_differentiable({scale, preact});
+    // scale and preact: returned detached (as FrozenBNFunction's scale)
     ctx->set_materialize_grads(false);  // no zeros for the gradients of scale and preact
     return {out, scale, preact};
   }
@@ -375,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> frozen_bn_act_autograd(
   }
   auto out = FrozenBNActFunction::apply(input, residual, weight, bias, running_mean, running_var,
                                         eps, activation, save_preact);
-  return {out[0], out[1], out[2]};
+  return {out[0], out[1].detach(), out[2].detach()};
 }
 
 // The fused backward is not itself differentiable: calling it on tensors that require grad
@@ -402,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> frozen_bn_autograd(
     return call_forward(input, weight, bias, running_mean, running_var, eps);
   }
   auto out = FrozenBNFunction::apply(input, weight, bias, running_mean, running_var, eps);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};
 }
 
 at::Tensor frozen_bn_backward_autograd(const at::Tensor& grad_output, const at::Tensor& scale) {

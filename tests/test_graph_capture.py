@@ -142,6 +142,44 @@ def test_compile_default_dynamic_settles_after_one_recompile():
     assert backend.graphs <= 2  # static first, then one dynamic-batch graph
 
 
+@pytest.mark.parametrize("trainable_affine", [False, True])
+@pytest.mark.parametrize("act, residual", [("identity", False), ("relu", True), ("silu", False)])
+def test_compiled_autograd_of_an_eager_forward(act, residual, trainable_affine):
+    """Compiled autograd (torch._dynamo.compiled_autograd) takes the backward of a forward
+    run eagerly, the op's own autograd nodes included: the gradients are eager's, bit for
+    bit. (It used to stop at an internal assert: the nodes marked their per-channel scale
+    output non-differentiable, which compiled autograd does not support.)"""
+    from torch._dynamo import compiled_autograd
+    bn = frozennorm.FrozenBatchNorm2d(6, trainable_affine=trainable_affine)
+    randomize_norm_stats_(bn)
+    if trainable_affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.normal_()
+    x = torch.randn(2, 6, 5, 5)
+    r = torch.randn(2, 6, 5, 5) if residual else None
+
+    def grads(compiled):
+        inputs = [x.clone().requires_grad_()] + ([r.clone().requires_grad_()] if residual else [])
+        out = bn(inputs[0], inputs[1] if residual else None, activation=act)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+        wrt = inputs + ([bn.weight, bn.bias] if trainable_affine else [])
+        if compiled:
+            torch._dynamo.reset()
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+            torch._dynamo.reset()
+        else:
+            loss.backward()
+        result = [t.grad.clone() for t in wrt]
+        for t in wrt:
+            t.grad = None
+        return result
+
+    for got, want in zip(grads(True), grads(False)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.slow
 def test_compile_detection_backbone_fullgraph_forward_backward():
     model = detection_backbone().train()
