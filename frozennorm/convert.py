@@ -241,6 +241,12 @@ def _known_base(cls: type, classes: Mapping[type, Target]
     return None
 
 
+def _own_eps(module: nn.Module) -> Optional[float]:
+    """``module``'s ``eps`` attribute, where it has a number there."""
+    eps = getattr(module, "eps", None)
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
+
+
 def _keeps_forward(module: nn.Module, base: type) -> bool:
     """``module`` runs ``base``'s forward (no override in a subclass or on the instance)."""
     return (getattr(type(module), "forward", None) is getattr(base, "forward", None)
@@ -487,7 +493,7 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target],
                 f"has no eps attribute"))
         return None
     base, target, eps = match
-    if eps is None and not isinstance(getattr(module, "eps", None), (int, float)):
+    if eps is None and _own_eps(module) is None:
         raise ValueError(
             f"convert_frozen_bn: {type(module).__name__} has no eps attribute, so the eps its "
             f"forward uses is unknown (DETR-style layers hard-code 1e-5, maskrcnn-benchmark's "
@@ -676,7 +682,8 @@ def _as_batchnorm(value: Any) -> Any:
     if not (isinstance(value, FrozenBatchNorm) and type(value).forward in
             (FrozenBatchNorm.forward, FrozenBatchNormAct2d.forward)):
         return value
-    return _build_live(nn.BatchNorm2d, value, 0.1, training=False, reuse_parameters=False)
+    return _build_live(nn.BatchNorm2d, value, value.eps, 0.1, training=False,
+                       reuse_parameters=False)
 
 
 def _adapt_reparameterizers(root: nn.Module) -> None:
@@ -787,15 +794,15 @@ def _tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     return t if isinstance(t, torch.Tensor) else None
 
 
-def _build_live(cls: type, frozen: nn.Module, momentum: Optional[float],
+def _build_live(cls: type, frozen: nn.Module, eps: float, momentum: Optional[float],
                 training: bool, reuse_parameters: bool = True) -> nn.Module:
-    """A live ``cls`` computing what ``frozen`` does, its statistics copied; weight and bias
-    are ``frozen``'s own Parameters where it has them (``reuse_parameters``: an optimizer
-    that holds them keeps working), else new ones."""
+    """A live ``cls`` computing what ``frozen`` does (with ``eps``, the one its forward
+    uses), its statistics copied; weight and bias are ``frozen``'s own Parameters where it
+    has them (``reuse_parameters``: an optimizer that holds them keeps working), else new
+    ones."""
     mean, var = _tensor(frozen, "running_mean"), _tensor(frozen, "running_var")
     assert mean is not None and var is not None
-    kw: Dict[str, Any] = dict(eps=float(getattr(frozen, "eps", 0.0)), momentum=momentum,
-                              device=mean.device, dtype=mean.dtype)
+    kw: Dict[str, Any] = dict(eps=eps, momentum=momentum, device=mean.device, dtype=mean.dtype)
     bn: nn.Module
     if _is_timm_act(cls) and cls.__name__ == "BatchNormAct2d":
         bn = cls(mean.numel(), apply_act=False, **kw)
@@ -833,6 +840,7 @@ def _unfreeze_verdict(module: nn.Module) -> Optional[_Verdict]:
                 f"of its own, or a convolution's scale folded in): reverting it would change "
                 f"the model (revert before folding)"))
         is_act = isinstance(module, FrozenBatchNormAct2d)
+        eps: Optional[float] = module.eps
     else:
         match = _known_base(type(module), {})
         if match is None or not _keeps_forward(module, match[0]):
@@ -841,6 +849,13 @@ def _unfreeze_verdict(module: nn.Module) -> Optional[_Verdict]:
                     "a frozen BatchNorm frozennorm does not know; left as it is"))
             return None
         is_act = match[1] is FrozenBatchNormAct2d
+        # the eps its forward uses: the known one (1e-5 hard-coded in HF's DETR-style
+        # layers, which have no eps attribute), else its own
+        eps = match[2] if match[2] is not None else _own_eps(module)
+        if eps is None:
+            return _Verdict(reason=SkipReason.UNSUPPORTED, detail=(
+                f"a {type(module).__name__} has no eps attribute, so the eps its forward "
+                f"uses is unknown: left as it is"))
     cls, why = _unfreeze_target(module, is_act)
     if cls is None:
         return _Verdict(reason=SkipReason.UNSUPPORTED, detail=why)
@@ -850,7 +865,7 @@ def _unfreeze_verdict(module: nn.Module) -> Optional[_Verdict]:
     count = origin.get("num_batches_tracked", 0)
 
     def make(old: nn.Module, training: bool) -> nn.Module:
-        live = _build_live(cls, old, momentum, training)
+        live = _build_live(cls, old, eps, momentum, training)
         tracked = _tensor(live, "num_batches_tracked")
         if tracked is not None:
             tracked.fill_(count)

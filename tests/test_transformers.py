@@ -59,3 +59,24 @@ def test_detr_family_converts_with_its_eps(family):
     reverted = revert_frozen_bn(converted)
     layer = reverted.get_submodule(next(iter(hf_frozen)))
     assert isinstance(layer, torch.nn.BatchNorm2d) and layer.eps == 1e-5
+
+
+@pytest.mark.parametrize("family", ["Detr", "RTDetr"])
+def test_revert_of_unconverted_hf_frozen_layers_keeps_their_eps(family):
+    # revert_frozen_bn straight on the HF model (its frozen layers never converted): the new
+    # BatchNorm layers get the eps the HF forward hard-codes, not 0 (inf/NaN where a
+    # variance is 0)
+    model = build(family)
+    hf_frozen = [n for n, m in model.named_modules() if "FrozenBatchNorm2d" in type(m).__name__]
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels)
+    reverted = revert_frozen_bn(copy.deepcopy(model)).eval()
+    for name in hf_frozen:
+        layer = reverted.get_submodule(name)
+        assert type(layer) is torch.nn.BatchNorm2d and layer.eps == 1e-5, name
+    with torch.no_grad():
+        got = reverted(pixel_values=pixels)
+    for key in ("logits", "pred_boxes"):
+        assert torch.isfinite(got[key]).all()
+        assert_close_rel(got[key], expected[key], rtol=1e-4, what=key)
