@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .act import FrozenBatchNormAct2d
 from .fuse import unfuse
 from .modules import (FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
-                      check_trainable_affine, is_frozen_batchnorm, looks_frozen)
+                      check_trainable_affine, is_frozen_batchnorm, looks_frozen, own_eps)
 
 __all__ = [
     "convert_frozen_bn",
@@ -239,12 +239,6 @@ def _known_base(cls: type, classes: Mapping[type, Target]
         if target is not None:
             return (base, *_split_target(target))
     return None
-
-
-def _own_eps(module: nn.Module) -> Optional[float]:
-    """``module``'s ``eps`` attribute, where it has a number there."""
-    eps = getattr(module, "eps", None)
-    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
 
 
 def _keeps_forward(module: nn.Module, base: type) -> bool:
@@ -493,7 +487,7 @@ def _freeze_verdict(module: nn.Module, classes: Mapping[type, Target],
                 f"has no eps attribute"))
         return None
     base, target, eps = match
-    if eps is None and _own_eps(module) is None:
+    if eps is None and own_eps(module) is None:
         raise ValueError(
             f"convert_frozen_bn: {type(module).__name__} has no eps attribute, so the eps its "
             f"forward uses is unknown (DETR-style layers hard-code 1e-5, maskrcnn-benchmark's "
@@ -851,7 +845,7 @@ def _unfreeze_verdict(module: nn.Module) -> Optional[_Verdict]:
         is_act = match[1] is FrozenBatchNormAct2d
         # the eps its forward uses: the known one (1e-5 hard-coded in HF's DETR-style
         # layers, which have no eps attribute), else its own
-        eps = match[2] if match[2] is not None else _own_eps(module)
+        eps = match[2] if match[2] is not None else own_eps(module)
         if eps is None:
             return _Verdict(reason=SkipReason.UNSUPPORTED, detail=(
                 f"a {type(module).__name__} has no eps attribute, so the eps its forward "

@@ -25,6 +25,13 @@ def _drops_below_fp32(old: Tensor, new: Tensor) -> bool:
             and old.dtype not in _LOW_PRECISION and torch.finfo(new.dtype).bits < 32)
 
 
+def own_eps(module: nn.Module) -> Optional[float]:
+    """``module``'s ``eps`` attribute, where it has a number there (None: the eps its forward
+    uses is unknown, e.g. HF's DETR-style layers, which hard-code it)."""
+    eps = getattr(module, "eps", None)
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
+
+
 def check_trainable_affine(value: object, allowed: Tuple[object, ...]) -> None:
     """Raises for a ``trainable_affine`` that is not one of ``allowed`` (among None, False,
     True and "source") by type as well as value: ``1`` or ``"false"`` would otherwise pass
@@ -206,8 +213,8 @@ class FrozenBatchNorm(nn.Module):
                 f"{type(bn).__name__} has no running statistics (track_running_stats=False "
                 f"normalises with batch statistics): there is nothing to freeze")
         if eps is None:
-            eps = getattr(bn, "eps", None)
-            if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+            eps = own_eps(bn)
+            if eps is None:
                 raise ValueError(
                     f"{type(bn).__name__} has no eps attribute, so its eps (the one its forward "
                     f"uses: 1e-5 hard-coded in DETR-style layers, none in others) is unknown: "
