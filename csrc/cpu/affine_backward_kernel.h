@@ -144,6 +144,24 @@ struct AffineBackwardOp {
         (grad_residual == nullptr || aligned_at(grad_residual + k));
   }
 
+  // IO::kStep elements at k: ga and the input, as kParts vectors each. (Callers load before
+  // they store: the compiler may not move a load past a store that could alias it.)
+  FROZENNORM_ALWAYS_INLINE void load(int64_t k, V* g, V* x) const {
+    Grad::vec(grad, saved, k, g);
+    IO::load(input + k, x);
+  }
+
+  // The outputs of IO::kStep elements at k from their ga, s: the scale per lane.
+  template <bool kStream = false>
+  FROZENNORM_ALWAYS_INLINE void store(int64_t k, const V* g, const V* s) const {
+    if (grad_residual != nullptr) IO::template store<kStream>(grad_residual + k, g);
+    if (grad_input != nullptr) {
+      V out[kParts];
+      for (int part = 0; part < kParts; ++part) out[part] = g[part] * s[part];
+      IO::template store<kStream>(grad_input + k, out);
+    }
+  }
+
   // IO::kStep elements at k, the terms added lane by lane; with kMasked only the lanes set in
   // `keep` add theirs (the rest: a vector that overlaps the one before). kStream: the outputs
   // with non-temporal stores (k aligned).
@@ -151,17 +169,9 @@ struct AffineBackwardOp {
   FROZENNORM_ALWAYS_INLINE void step(int64_t k, const V* m, const V* s, V* sum_g, V* sum_gx,
                                      const V* keep) const {
     if constexpr (IO::kVectorized) {
-      // the loads before the stores (the compiler may not move a load past a store that
-      // could alias it)
       V g[kParts], x[kParts];
-      Grad::vec(grad, saved, k, g);
-      IO::load(input + k, x);
-      if (grad_residual != nullptr) IO::template store<kStream>(grad_residual + k, g);
-      if (grad_input != nullptr) {
-        V out[kParts];
-        for (int part = 0; part < kParts; ++part) out[part] = g[part] * s[part];
-        IO::template store<kStream>(grad_input + k, out);
-      }
+      load(k, g, x);
+      store<kStream>(k, g, s);
       for (int part = 0; part < kParts; ++part) {
         V ga = g[part];
         V xc = x[part] - m[part];
@@ -316,6 +326,84 @@ FROZENNORM_ALWAYS_INLINE void group_lanes(const Op& op, int64_t k, int64_t strid
     lanes_gx = merge<kLevel>(gx0, gx1);
   }
 }
+
+// merge<> over 2^kLevel runs' lane vectors, stored one after another from `lanes` (as
+// group_lanes merges them).
+template <int kLevel, typename V>
+FROZENNORM_ALWAYS_INLINE V merged(const float* lanes) {
+  if constexpr (kLevel == 0) {
+    return V::loadu(lanes);
+  } else {
+    constexpr int half = 1 << (kLevel - 1);
+    return merge<kLevel>(merged<kLevel - 1, V>(lanes),
+                         merged<kLevel - 1, V>(lanes + half * V::size()));
+  }
+}
+
+// IO::kStep whole planes of n elements each (n >= V::size()), adjacent from flat offset k,
+// of the channels with parameters mean[0..], scale[0..], walked as one flat run: n full
+// vectors of IO::kStep elements, whose parts (V::size() lanes) each hold the end of at most
+// one plane (n >= V::size()), that part's parameters blended across it. Short planes thus
+// pay no overlapping last vector (a 7x7 plane in 16 bits: 49 elements in 2 vectors of 32,
+// 64 lanes of work; here 49). Each plane's terms are summed into one lane vector, the lane
+// vectors merged as group_lanes merges them, and added to sum_g[0..kStep), sum_gx[0..kStep).
+// below[i]: the lanes below lane i, i = 0..V::size().
+template <typename Op>
+void flat_planes(const Op op, int64_t k, int64_t n, const float* mean, const float* scale,
+                 const typename Op::IO::AccVec* below, float* sum_g, float* sum_gx) {
+  using IO = typename Op::IO;
+  using V = typename IO::AccVec;
+  constexpr int L = V::size();
+  constexpr int kParts = Op::kParts;
+  const V zero(0.f);
+  alignas(64) float lanes_g[IO::kStep * L];
+  alignas(64) float lanes_gx[IO::kStep * L];
+  int64_t ch = 0;
+  int64_t left = n;  // of the current plane, from the current part on
+  V vm(mean[0]), vs(scale[0]), acc_g(zero), acc_gx(zero);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t at = k + j * IO::kStep;
+    V g[kParts], x[kParts], s[kParts];
+    op.load(at, g, x);
+    for (int part = 0; part < kParts; ++part) {
+      if (left > L) {  // inside the plane
+        s[part] = vs;
+        acc_g = acc_g + g[part];
+        acc_gx = at::vec::fmadd(g[part], x[part] - vm, acc_gx);
+        left -= L;
+        continue;
+      }
+      // the plane ends at lane `left`: lanes before it finish its sums (zeros, not products
+      // with zero, in the rest: x may hold an inf), the others start the next plane's
+      const V mine = below[left];
+      const V ga = V::blendv(zero, g[part], mine);
+      acc_g = acc_g + ga;
+      acc_gx = at::vec::fmadd(ga, V::blendv(zero, x[part] - vm, mine), acc_gx);
+      acc_g.store(lanes_g + ch * L);
+      acc_gx.store(lanes_gx + ch * L);
+      s[part] = vs;
+      if (++ch == IO::kStep) break;  // the group's end: the last part of the last vector
+      vm = V(mean[ch]);
+      vs = V(scale[ch]);
+      if (left == L) {
+        acc_g = acc_gx = zero;
+        left = n;
+      } else {
+        s[part] = V::blendv(vs, s[part], mine);
+        acc_g = V::blendv(g[part], zero, mine);
+        acc_gx = acc_g * V::blendv(x[part] - vm, zero, mine);
+        left = n - (L - left);
+      }
+    }
+    op.store(at, g, s);
+  }
+  for (int64_t c = 0; c < IO::kStep; c += L) {
+    (V::loadu(sum_g + c) + V(merged_in_order(merged<kMergeLevels, V>(lanes_g + c * L))))
+        .store(sum_g + c);
+    (V::loadu(sum_gx + c) + V(merged_in_order(merged<kMergeLevels, V>(lanes_gx + c * L))))
+        .store(sum_gx + c);
+  }
+}
 #endif
 
 // Runs of one channel (NCHW-like planes, inner > 1): [k, k + n), its terms summed into
@@ -351,11 +439,16 @@ FROZENNORM_ALWAYS_INLINE void plane_run(const Op& op, int64_t k, int64_t n, type
 
 // A tile of NCHW-like planes (inner > 1), in memory order: outer index by outer index,
 // channel by channel, each plane's run of inner_step positions summed (plane_run) and added
-// to its channel's partials; float sums on x86 without streaming stores go V::size()
-// channels at a time (group_lanes: forward + backward of 32x2048x7x7 in 16 bits 1.63-1.67x
-// the frozen op's -> 1.50-1.56x, interleaved; no change on longer planes). With `stream`,
-// runs long enough to amortise their scalar ends (as channel_walk.h's) take non-temporal
-// stores.
+// to its channel's partials. Float sums on x86 without streaming stores: whole planes of at
+// least V::size() elements but not a whole number of vectors go IO::kStep channels at a time
+// as one flat run (flat_planes: forward + backward of 32x2048x7x7 NCHW over the frozen
+// module's, benchmarks/affine_backward.py, two runs of 3 passes each way, interleaved:
+// bfloat16 1.58x, 1.72x -> 1.28x, 1.32x; float16 1.40x, 1.61x -> 1.36x, 1.36x; planes of
+// 16-31 values in 16 bits, element by element before: the backward of 64x512x5x5 bfloat16
+// 524 -> 106 us on 2 threads; planes of 8x8 lost 5-10 %, hence whole vectors stay below);
+// then V::size() channels at a time (group_lanes: 32x2048x7x7 in 16 bits 1.63-1.67x the
+// frozen op's -> 1.50-1.56x, interleaved; no change on longer planes). With `stream`, runs
+// long enough to amortise their scalar ends (as channel_walk.h's) take non-temporal stores.
 template <typename Op>
 void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
                 int64_t i0, bool stream, const typename Op::acc_t* mean,
@@ -370,11 +463,28 @@ void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0,
   if constexpr (IO::kVectorized) {
     if (n % IO::kStep != 0) lanes_from<IO>(IO::kStep - n % IO::kStep, keep);
   }
+#if defined(FROZENNORM_X86_SIMD)
+  // whole planes, adjacent in memory, that a vector walk would end with an overlapping vector
+  const bool flat = !streams && n == t.inner && n >= IO::AccVec::size() && n % IO::kStep != 0;
+  typename IO::AccVec below[IO::AccVec::size() + 1];  // below[i]: the lanes below lane i
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using V = typename IO::AccVec;
+    if (flat) {
+      for (int i = 0; i <= V::size(); ++i) {
+        below[i] = V::arange(0.f, 1.f) < V(static_cast<float>(i));
+      }
+    }
+  }
+#endif
   for (int64_t o = o0; o < o1; ++o) {
     int64_t c = c0;
 #if defined(FROZENNORM_X86_SIMD)
     if constexpr (std::is_same_v<acc_t, float>) {
       using V = typename IO::AccVec;
+      for (; flat && c + IO::kStep <= c1; c += IO::kStep) {
+        flat_planes(op, (o * t.C + c) * t.inner, n, mean + c, scale + c, below, row + c,
+                    row + t.C + c);
+      }
       if (!streams && n >= IO::kStep) {
         for (; c + V::size() <= c1; c += V::size()) {
           V g, gx;
