@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import frozennorm
 import frozennorm.bench
 from frozennorm.bench import cases, report, timing
 from frozennorm.bench.contenders import CONTENDERS, PEERS
@@ -391,6 +392,31 @@ def test_affine_backward_script(tmp_path):
     assert row["saved_bytes"]["frozen"] < input_bytes // 100
     md = (out / "affine.md").read_text()
     assert "## Summary" in md and "saved for backward" in md
+
+def test_forward_footprint_keeps_nothing_alive():
+    """forward_footprint's hook sees every saved tensor; it must not keep them: a pack hook
+    that returns an output of the forward as it is (frozennorm's ops save their scale, an
+    output) makes a cycle through the autograd graph that Python's collector cannot see, so
+    the forward's input and parameters lived on: 7.3 GB more per sweep of
+    affine_backward.py, which its committed five-sweep command ran out of memory on."""
+    import gc
+    import weakref
+
+    from frozennorm.bench.memory import forward_footprint
+
+    for forward in (lambda x, w: frozennorm.frozen_batch_norm(x, w * 0, w * 0 + 1, w, w),
+                    lambda x, w: frozennorm.frozen_batch_norm(x, w * 0, w * 0 + 1, w.detach(),
+                                                              w.detach()),
+                    lambda x, w: x.exp()):
+        x = torch.randn(2, 4, 3, 3, requires_grad=True)
+        w = torch.nn.Parameter(torch.randn(4))
+        saved, held = forward_footprint(lambda: forward(x, w))
+        assert saved > 0 and held >= saved
+        refs = [weakref.ref(x), weakref.ref(w)]
+        del x, w
+        gc.collect()
+        assert all(r() is None for r in refs)
+
 
 def test_affine_backward_combines_passes():
     """A case's figures over several passes: medians over the passes not timed while busy,

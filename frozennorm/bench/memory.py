@@ -26,7 +26,10 @@ def forward_footprint(forward: Callable[[], object]) -> Tuple[int, int]:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         _add_storage(saved, t)
-        return t
+        # not `t` itself: a saved output packed as it is holds its own grad_fn, a cycle
+        # through the graph that Python's collector cannot see (the forward's tensors lived
+        # on); a detached alias keeps the storage without the graph
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
