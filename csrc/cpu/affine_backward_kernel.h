@@ -445,10 +445,11 @@ FROZENNORM_ALWAYS_INLINE void plane_run(const Op& op, int64_t k, int64_t n, type
 // module's, benchmarks/affine_backward.py, two runs of 3 passes each way, interleaved:
 // bfloat16 1.58x, 1.72x -> 1.28x, 1.32x; float16 1.40x, 1.61x -> 1.36x, 1.36x; planes of
 // 16-31 values in 16 bits, element by element before: the backward of 64x512x5x5 bfloat16
-// 524 -> 106 us on 2 threads; planes of 8x8 lost 5-10 %, hence whole vectors stay below);
-// then V::size() channels at a time (group_lanes: 32x2048x7x7 in 16 bits 1.63-1.67x the
-// frozen op's -> 1.50-1.56x, interleaved; no change on longer planes). With `stream`, runs
-// long enough to amortise their scalar ends (as channel_walk.h's) take non-temporal stores.
+// 524 -> 106 us on 2 threads; the backward of 32x2048x8x8 bfloat16, whole vectors, was 2 %
+// and 9 % slower this way in two interleaved runs, hence such planes stay below); then
+// V::size() channels at a time (group_lanes: 32x2048x7x7 in 16 bits 1.63-1.67x the frozen
+// op's -> 1.50-1.56x, interleaved; no change on longer planes). With `stream`, runs long
+// enough to amortise their scalar ends (as channel_walk.h's) take non-temporal stores.
 template <typename Op>
 void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
                 int64_t i0, bool stream, const typename Op::acc_t* mean,
