@@ -393,6 +393,7 @@ def test_affine_backward_script(tmp_path):
     md = (out / "affine.md").read_text()
     assert "## Summary" in md and "saved for backward" in md
 
+
 def test_forward_footprint_keeps_nothing_alive():
     """forward_footprint's hook sees every saved tensor; it must not keep them: a pack hook
     that returns an output of the forward as it is (frozennorm's ops save their scale, an
