@@ -119,7 +119,8 @@ class ConversionReport:
     #: num_batches_tracked 0): freezing them freezes an identity normalisation.
     untrained: List[str] = dataclasses.field(default_factory=list)
     #: frozennorm layers in scope, already frozen, whose weight and bias are not what an
-    #: explicit ``trainable_affine=True``/``False`` asks for: left as they are.
+    #: explicit ``trainable_affine=True``/``False`` asks for (True: Parameters that all
+    #: require grad; False: buffers): left as they are.
     other_variant: List[str] = dataclasses.field(default_factory=list)
     #: The ``trainable_affine`` convert_frozen_bn was given (None for revert_frozen_bn).
     trainable_affine: Union[None, bool, str] = None
@@ -432,8 +433,8 @@ def _complain(report: ConversionReport, strict: bool, caller: str, left: str) ->
             f"keeps for good: {_names(report.untrained)}. Load the pretrained weights before "
             f"converting.")
     if report.other_variant:
-        have, asked = (("frozen buffers", "trainable") if report.trainable_affine is True
-                       else ("trainable Parameters", "frozen"))
+        have, asked = (("frozen buffers (or Parameters that do not require grad)", "trainable")
+                       if report.trainable_affine is True else ("trainable Parameters", "frozen"))
         sections.append(
             f"{caller}: {len(report.other_variant)} layer(s) were already frozen by frozennorm "
             f"with weight and bias as {have}, and an already frozen layer is left as it is: "
@@ -717,10 +718,12 @@ def _review_freeze(entries: List["_Entry"], report: ConversionReport,
     layers in scope that an explicit ``trainable_affine`` would not change."""
     report.trainable_affine = trainable_affine
     if isinstance(trainable_affine, bool):
+        # True asks for weight and bias that train: Parameters that require grad
         report.other_variant += [
             name or "<root>" for name, m in root.named_modules()
-            if isinstance(m, FrozenBatchNorm) and m.trainable_affine != trainable_affine
-            and scope.selects(name, m)]
+            if isinstance(m, FrozenBatchNorm) and scope.selects(name, m)
+            and (m.trainable_affine != trainable_affine or trainable_affine and not all(
+                p.requires_grad for p in m.parameters(recurse=False)))]
     for e in entries:
         if e.verdict.make is None:
             continue

@@ -15,8 +15,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union, overloa
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from .convert import FrozenNormWarning, Patterns, Predicate, Scope
-from .modules import is_frozen_batchnorm
+from .convert import FrozenNormWarning, Patterns, Predicate, Scope, _names
+from .modules import FrozenBatchNorm, is_frozen_batchnorm
 
 __all__ = ["audit", "assert_frozen", "AuditRow", "AuditTable", "NotFrozenError"]
 
@@ -252,7 +252,20 @@ def assert_frozen(module: nn.Module, *, params: bool = False, include: Patterns 
     if failures:
         lines = [f"  {r.name or '<root>'} ({r.type_name}, {'train' if r.training else 'eval'} "
                  f"mode): {'; '.join(why)}" for r, why in failures]
+        # frozennorm's own layers fail only for trainable weight/bias (trainable_affine),
+        # which convert_frozen_bn leaves as they are: they need another remedy
+        own = [r.name or "<root>" for r, _ in failures if issubclass(r.cls, FrozenBatchNorm)]
+        advice = []
+        if len(own) < len(failures):
+            advice.append("frozennorm.convert_frozen_bn(model) freezes them for good "
+                          "(model.eval() on a layer is undone by the next model.train()).")
+        if own:
+            advice.append(
+                f"{_names(own)}: frozen by frozennorm with trainable weight and bias "
+                "(trainable_affine), which convert_frozen_bn leaves as they are; "
+                "frozennorm.revert_frozen_bn(model) then convert_frozen_bn(model, "
+                "trainable_affine=False) makes them buffers, or requires_grad_(False) on "
+                "their weight and bias stops their training.")
         raise NotFrozenError(
             f"{len(failures)} normalization layer(s) are not frozen:\n" + "\n".join(lines)
-            + "\nfrozennorm.convert_frozen_bn(model) freezes them for good (model.eval() on "
-              "a layer is undone by the next model.train()).", [r for r, _ in failures])
+            + "\n" + "\n".join(advice), [r for r, _ in failures])

@@ -139,6 +139,34 @@ def test_assert_frozen_params():
     assert_frozen(nn.Sequential(nn.GroupNorm(1, 2)), params=True)  # not a BatchNorm
 
 
+def test_assert_frozen_params_advice_fits_the_layer():
+    """A trainable-affine frozennorm layer: convert_frozen_bn leaves it as it is, so the error
+    says what does freeze it, and following that advice passes."""
+    for fix in ("revert", "requires_grad"):
+        model = randomize_norm_stats_(nn.Sequential(
+            nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+            frozennorm.FrozenBatchNorm2d(4, trainable_affine=True))).eval()
+        with pytest.raises(NotFrozenError) as info:
+            assert_frozen(model, params=True)
+        message = str(info.value)
+        assert "convert_frozen_bn(model) freezes them" in message  # for the nn.BatchNorm2d
+        assert "2: frozen by frozennorm with trainable weight and bias" in message
+        assert "0: frozen" not in message
+        with pytest.warns(frozennorm.FrozenNormWarning, match="left as it is: 2"):
+            convert_frozen_bn(model, trainable_affine=False)
+        with pytest.raises(NotFrozenError) as info:  # the frozennorm layer is left as it was
+            assert_frozen(model, params=True)
+        assert [r.name for r in info.value.rows] == ["2"]
+        assert "convert_frozen_bn(model) freezes them" not in str(info.value)
+        if fix == "revert":
+            frozennorm.revert_frozen_bn(model)
+            convert_frozen_bn(model, trainable_affine=False)
+        else:
+            model[2].weight.requires_grad_(False)
+            model[2].bias.requires_grad_(False)
+        assert_frozen(model, params=True)
+
+
 def test_audit_root_and_empty():
     assert audit(nn.BatchNorm1d(2))[0].name == ""
     table = audit(nn.Linear(2, 2))

@@ -344,6 +344,24 @@ def test_a_second_call_names_the_variant_it_does_not_change(first, second):
         convert_frozen_bn(model, trainable_affine=again, include="1", strict=True)
 
 
+def test_true_after_source_names_the_layers_whose_weights_do_not_train():
+    """trainable_affine=True makes every weight and bias train; on layers that "source" froze
+    with weights that do not require grad (a frozen stage) a second call cannot, and says
+    so; reverting first, as it advises, gives trainable ones."""
+    model = randomize_norm_stats_(nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4)))
+    model[0].requires_grad_(False)
+    convert_frozen_bn(model, trainable_affine="source", strict=True)
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+    with pytest.warns(FrozenNormWarning, match=r"1 layer\(s\) were already frozen.*Parameters "
+                      r"that do not require grad\).*: 0\. To make them trainable, revert"):
+        model, rep = convert_frozen_bn(model, trainable_affine=True, report=True)
+    assert rep.other_variant == ["0"]
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+    convert_frozen_bn(frozennorm.revert_frozen_bn(model), trainable_affine=True, strict=True)
+    assert all(p.requires_grad for p in model.parameters()) and len(list(model.parameters())) == 4
+    assert all(m.trainable_affine for m in model)
+
+
 class _Positive(nn.Module):
     def forward(self, w):
         return w.abs() + 0.1
