@@ -563,7 +563,9 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
     and, for timm's BN+activation layers, its ``act``/``drop`` modules. The result's
     output in ``train()`` is the original's output in ``eval()``; ``train()`` cannot
     unfreeze it. ``affine=False`` layers get weight 1 and bias 0. Converting twice changes
-    nothing the second time.
+    nothing the second time (it warns where an explicit ``trainable_affine`` asks for the
+    other variant of a layer frozennorm already froze, or ``True`` for weights that do not
+    require grad: revert such layers first).
 
     Convert before building the optimizer and before wrapping the model in
     ``DistributedDataParallel`` (a DDP-wrapped model is refused): the frozen layers have
@@ -597,8 +599,9 @@ def convert_frozen_bn(module: nn.Module, *, include: Patterns = None, exclude: P
             its ``frozen_stages``), frozen buffers where the layer had none.
         strict: raise ValueError, changing nothing, where a layer would be left live
             (unknown subclass, no running statistics, ...), a pattern matches no module,
-            trainable parameters would be frozen unannounced (``trainable_affine=None``)
-            or statistics look untrained; the default warns (:class:`FrozenNormWarning`)
+            trainable parameters would be frozen unannounced (``trainable_affine=None``),
+            statistics look untrained or an already frozen layer is not what an explicit
+            ``trainable_affine`` asks for; the default warns (:class:`FrozenNormWarning`)
             and goes on.
         report: also return a :class:`ConversionReport`: what was converted, what was
             skipped and why (out-of-scope layers included).
