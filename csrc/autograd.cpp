@@ -18,6 +18,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 namespace frozennorm {
 namespace {
 
@@ -120,10 +122,11 @@ std::pair<at::Tensor, at::Tensor> kept_statistics(const at::Tensor& mean, const 
     scalar_t* to_mean = mean_copy.mutable_data_ptr<scalar_t>();
     scalar_t* to_invstd = invstd.mutable_data_ptr<scalar_t>();
     const auto e = static_cast<scalar_t>(eps);
-    for (int64_t c = 0; c < m.numel(); ++c) {
-      to_mean[c] = from_mean[c];
-      to_invstd[c] = scalar_t(1) / std::sqrt(from_var[c] + e);
-    }
+    // the count hoisted: numel() in the condition is reread after every store, which kept
+    // the loops scalar
+    const int64_t n = m.numel();
+    std::copy(from_mean, from_mean + n, to_mean);
+    for (int64_t c = 0; c < n; ++c) to_invstd[c] = scalar_t(1) / std::sqrt(from_var[c] + e);
   });
   return {mean_copy, invstd};
 }
@@ -184,7 +187,8 @@ void statistics_grads(AutogradContext* ctx, variable_list& out, size_t first,
       AT_DISPATCH_FLOATING_TYPES(grad_weight.scalar_type(), "grad_weight", [&] {
         scalar_t* to = grad_weight.mutable_data_ptr<scalar_t>();
         const scalar_t* factor = invstd.const_data_ptr<scalar_t>();
-        for (int64_t c = 0; c < grad_weight.numel(); ++c) to[c] *= factor[c];
+        const int64_t n = grad_weight.numel();  // hoisted, as in kept_statistics
+        for (int64_t c = 0; c < n; ++c) to[c] *= factor[c];
       });
       out[first] = grad_weight;
     } else {

@@ -309,14 +309,19 @@ class _Wrapped(torch.Tensor):
         return tree_map(lambda t: _Wrapped(t) if isinstance(t, torch.Tensor) else t, out)
 
 
-def test_statistics_as_a_tensor_subclass_with_trainable_weight_and_bias():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [6, 37])
+def test_statistics_as_a_tensor_subclass_with_trainable_weight_and_bias(dtype, C):
     """Statistics that are a __torch_dispatch__ subclass (no data of their own to read):
-    forward and the gradients of input, weight and bias as with plain tensors."""
+    forward and the gradients of input, weight and bias as with plain tensors, bit for bit
+    (plain CPU statistics take the compiled autograd's own per-channel loops, vectors and a
+    tail: 1 / sqrt(var + eps) and grad_weight's scaling; a subclass, ATen's ops)."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 6, 5, 4, generator=g).requires_grad_()
-    w = torch.randn(6, generator=g).requires_grad_()
-    b = torch.randn(6, generator=g).requires_grad_()
-    mean, var = torch.randn(6, generator=g) * 3, torch.rand(6, generator=g) + 0.1
+    x = torch.randn(2, C, 5, 4, generator=g, dtype=dtype).requires_grad_()
+    w = torch.randn(C, generator=g, dtype=dtype).requires_grad_()
+    b = torch.randn(C, generator=g, dtype=dtype).requires_grad_()
+    mean = torch.randn(C, generator=g, dtype=dtype) * 3
+    var = torch.rand(C, generator=g, dtype=dtype) + 0.1
     plain = frozennorm.frozen_batch_norm(x, mean, var, w, b)
     wrapped = frozennorm.frozen_batch_norm(x, _Wrapped(mean), _Wrapped(var), w, b)
     want = (plain,) + torch.autograd.grad((plain ** 2).sum(), (x, w, b))
