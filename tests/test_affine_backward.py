@@ -353,6 +353,31 @@ def test_large_outputs_stream_with_the_same_bits(layout):
     check_against_oracle(*args, IDENTITY, out=results[0])
 
 
+@pytest.mark.parametrize("shape,dtype,activation,residual_grad", [
+    ([22, 1024, 14, 14], torch.float32, IDENTITY, False),  # 196 values: not whole vectors
+    ([72, 1024, 8, 8], torch.float32, RELU, False),  # whole vectors
+    ([35, 1000, 7, 9], torch.float32, SILU, True),  # tiles that start on unaligned planes
+    ([176, 1024, 7, 7], torch.bfloat16, IDENTITY, False),
+])
+def test_large_short_planes_stream_with_the_same_bits(shape, dtype, activation, residual_grad):
+    """Short whole planes whose outputs take 16 MiB and more go as flat runs with
+    non-temporal stores, from each tile's first plane that starts aligned (the planes before
+    it with ordinary stores): every output within the oracle's bounds, the same bits on 1
+    and 2 threads."""
+    args = case(shape, dtype, "contiguous", activation, seed=5)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(affine_backward(*args, activation, True, residual_grad))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert (a is None and b is None) or torch.equal(a, b)
+    check_against_oracle(*args, activation, residual_grad=residual_grad, out=results[0])
+
+
 # ---- the ops that call it: autograd, opcheck, errors ---------------------------------------
 
 def test_gradcheck_frozen_bn_and_frozen_bn_act_with_trainable_affine():

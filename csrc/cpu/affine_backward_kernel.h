@@ -347,8 +347,9 @@ FROZENNORM_ALWAYS_INLINE V merged(const float* lanes) {
 // pay no overlapping last vector (a 7x7 plane in 16 bits: 49 elements in 2 vectors of 32,
 // 64 lanes of work; here 49). Each plane's terms are summed into one lane vector, the lane
 // vectors merged as group_lanes merges them, and added to sum_g[0..kStep), sum_gx[0..kStep).
-// below[i]: the lanes below lane i, i = 0..V::size().
-template <typename Op>
+// below[i]: the lanes below lane i, i = 0..V::size(). kStream: the outputs with
+// non-temporal stores (k aligned: the group's n vectors are then all aligned).
+template <bool kStream, typename Op>
 void flat_planes(const Op op, int64_t k, int64_t n, const float* mean, const float* scale,
                  const typename Op::IO::AccVec* below, float* sum_g, float* sum_gx) {
   using IO = typename Op::IO;
@@ -395,7 +396,7 @@ void flat_planes(const Op op, int64_t k, int64_t n, const float* mean, const flo
         left = n - (L - left);
       }
     }
-    op.store(at, g, s);
+    op.template store<kStream>(at, g, s);
   }
   for (int64_t c = 0; c < IO::kStep; c += L) {
     (V::loadu(sum_g + c) + V(merged_in_order(merged<kMergeLevels, V>(lanes_g + c * L))))
@@ -449,7 +450,11 @@ FROZENNORM_ALWAYS_INLINE void plane_run(const Op& op, int64_t k, int64_t n, type
 // and 9 % slower this way in two interleaved runs, hence such planes stay below); then
 // V::size() channels at a time (group_lanes: 32x2048x7x7 in 16 bits 1.63-1.67x the frozen
 // op's -> 1.50-1.56x, interleaved; no change on longer planes). With `stream`, runs long
-// enough to amortise their scalar ends (as channel_walk.h's) take non-temporal stores.
+// enough to amortise their scalar ends (as channel_walk.h's) take non-temporal stores, and
+// shorter whole planes go as flat runs from an aligned plane, whole vectors or not, with
+// them (op forward + backward over the frozen op's, float32, 2 threads, three interleaved
+// pairs each: 32x1024x14x14 1.47-1.58x -> 1.18-1.22x, 88x1024x7x7 1.51-1.65x ->
+// 1.19-1.25x, 72x1024x8x8 1.44-1.52x -> 1.20-1.29x; their input gradients the same bits).
 template <typename Op>
 void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
                 int64_t i0, bool stream, const typename Op::acc_t* mean,
@@ -465,8 +470,10 @@ void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0,
     if (n % IO::kStep != 0) lanes_from<IO>(IO::kStep - n % IO::kStep, keep);
   }
 #if defined(FROZENNORM_X86_SIMD)
-  // whole planes, adjacent in memory, that a vector walk would end with an overlapping vector
-  const bool flat = !streams && n == t.inner && n >= IO::AccVec::size() && n % IO::kStep != 0;
+  // whole planes, adjacent in memory, that a vector walk would end with an overlapping
+  // vector or (with `stream`) would write without non-temporal stores
+  const bool flat = !streams && n == t.inner && n >= IO::AccVec::size() &&
+      (n % IO::kStep != 0 || stream);
   typename IO::AccVec below[IO::AccVec::size() + 1];  // below[i]: the lanes below lane i
   if constexpr (std::is_same_v<acc_t, float>) {
     using V = typename IO::AccVec;
@@ -482,9 +489,25 @@ void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0,
 #if defined(FROZENNORM_X86_SIMD)
     if constexpr (std::is_same_v<acc_t, float>) {
       using V = typename IO::AccVec;
+      if (flat && stream) {
+        // groups from the first channel whose plane starts aligned (one comes within kStep
+        // channels: kStep elements are one aligned width), the ones before it plane by plane
+        // with ordinary stores; a group's end is aligned too, so no cache line takes both
+        // kinds of store
+        const int64_t first = std::min(c1, c0 + IO::kStep);
+        while (c < first && !op.aligned((o * t.C + c) * t.inner)) {
+          plane_run<false>(op, (o * t.C + c) * t.inner, n, mean[c], scale[c], keep, row[c],
+                           row[t.C + c]);
+          ++c;
+        }
+        for (; op.aligned((o * t.C + c) * t.inner) && c + IO::kStep <= c1; c += IO::kStep) {
+          flat_planes<true>(op, (o * t.C + c) * t.inner, n, mean + c, scale + c, below,
+                            row + c, row + t.C + c);
+        }
+      }
       for (; flat && c + IO::kStep <= c1; c += IO::kStep) {
-        flat_planes(op, (o * t.C + c) * t.inner, n, mean + c, scale + c, below, row + c,
-                    row + t.C + c);
+        flat_planes<false>(op, (o * t.C + c) * t.inner, n, mean + c, scale + c, below, row + c,
+                           row + t.C + c);
       }
       if (!streams && n >= IO::kStep) {
         for (; c + V::size() <= c1; c += V::size()) {
