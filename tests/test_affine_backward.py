@@ -269,6 +269,23 @@ def test_float32_data_with_float64_scale_computes_in_float64():
 
 # ---- determinism -------------------------------------------------------------------------
 
+def same_bits_on(thread_counts, args, activation, residual_grad=True):
+    """The op's outputs on each number of threads in turn, asserted to be the same bits;
+    returns the first."""
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            results.append(affine_backward(*args, activation, True, residual_grad))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert (a is None and b is None) or torch.equal(a, b)
+    return results[0]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
 def test_same_bits_for_any_thread_count(dtype, layout):
@@ -277,18 +294,7 @@ def test_same_bits_for_any_thread_count(dtype, layout):
     for i, shape in enumerate([[2, 64, 40, 40], [2, 6, 150, 151], [3, 1000, 7, 7]]):
         act = (IDENTITY, SILU)[(i + len(layout)) % 2]
         args = case(shape, dtype, layout, act, seed=9)
-        before = torch.get_num_threads()
-        results = []
-        try:
-            for threads in (1, 2, 3, 3):
-                torch.set_num_threads(threads)
-                results.append(affine_backward(*args, act, True, True))
-        finally:
-            torch.set_num_threads(before)
-        for other in results[1:]:
-            for a, b in zip(results[0], other):
-                assert torch.equal(a, b)
-        check_against_oracle(*args, act, out=results[0])
+        check_against_oracle(*args, act, out=same_bits_on((1, 2, 3, 3), args, act))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -337,20 +343,11 @@ def test_large_outputs_stream_with_the_same_bits(layout):
     bounds. 2x64x200x168 float32 with a residual gradient: 2 x 17.2 MB of outputs."""
     args = case([2, 64, 200, 168], torch.float32, layout, IDENTITY, seed=4)
     g, x, saved, mean, scale = args
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(affine_backward(*args, IDENTITY, True, True))
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    grad_input, grad_residual = results[0][:2]
+    out = same_bits_on((1, 2), args, IDENTITY)
+    grad_input, grad_residual = out[:2]
     assert torch.equal(grad_input, g * scale.view(1, -1, 1, 1))
     assert torch.equal(grad_residual, g)
-    check_against_oracle(*args, IDENTITY, out=results[0])
+    check_against_oracle(*args, IDENTITY, out=out)
 
 
 @pytest.mark.parametrize("shape,dtype,activation,residual_grad", [
@@ -365,17 +362,8 @@ def test_large_short_planes_stream_with_the_same_bits(shape, dtype, activation, 
     it with ordinary stores): every output within the oracle's bounds, the same bits on 1
     and 2 threads."""
     args = case(shape, dtype, "contiguous", activation, seed=5)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(affine_backward(*args, activation, True, residual_grad))
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(*results):
-        assert (a is None and b is None) or torch.equal(a, b)
-    check_against_oracle(*args, activation, residual_grad=residual_grad, out=results[0])
+    out = same_bits_on((1, 2), args, activation, residual_grad)
+    check_against_oracle(*args, activation, residual_grad=residual_grad, out=out)
 
 
 # ---- the ops that call it: autograd, opcheck, errors ---------------------------------------
