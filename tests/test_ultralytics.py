@@ -342,7 +342,7 @@ def detection_trainer(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW", "MuSGD"])
-def test_optimizer_groups_with_trainable_affine(detection_trainer, name):
+def test_optimizer_groups_with_trainable_affine(detection_trainer, name, monkeypatch):
     """Ultralytics' build_optimizer spares the weights of torch.nn "Norm" classes from weight
     decay: a converted model's trainable frozen weights (57 in YOLOv8n) would decay. The
     trainer's optimizer has the unconverted model's groups: the same tensors (converted in
@@ -356,7 +356,13 @@ def test_optimizer_groups_with_trainable_affine(detection_trainer, name):
     converted = convert_frozen_bn(model, trainable_affine="source")
     assert sum(isinstance(m, FrozenBatchNorm2d) and m.trainable_affine
                for m in converted.modules()) == n_bn == 57
+    logged = []
+    monkeypatch.setattr(fn_ultralytics.LOGGER, "info", logged.append)
     assert optimizer_groups(detection_trainer.build_optimizer(converted, **kw)) == want
+    # Ultralytics' own line counts them among the decayed weights: the trainer says they moved
+    assert logged[-1] == ("frozennorm: 57 frozen BatchNorm weight(s) moved into the "
+                          "weight(decay=0.0) group, as Ultralytics groups BatchNorm weights")
+    monkeypatch.undo()
     plain = optimizer_groups(DetectionTrainer.build_optimizer(detection_trainer, converted, **kw))
     decayed = {i for tag, ids, opts in plain if opts["weight_decay"] > 0 for i in ids}
     weights = {id(m.weight) for m in converted.modules() if isinstance(m, FrozenBatchNorm2d)}

@@ -61,6 +61,7 @@ try:
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.models.yolo.pose import PoseTrainer
     from ultralytics.models.yolo.segment import SegmentationTrainer
+    from ultralytics.utils import LOGGER
     from ultralytics.utils.torch_utils import unwrap_model
 except ImportError as e:  # pragma: no cover - exercised only without ultralytics
     raise ImportError(f"frozennorm.integrations.ultralytics needs ultralytics "
@@ -109,7 +110,10 @@ class FrozenBN:
 
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)  # type: ignore[misc]
-        norm_weights_without_decay(optimizer, model)
+        moved = norm_weights_without_decay(optimizer, model)
+        if moved:  # Ultralytics' own log line, just printed, counts them as decayed
+            LOGGER.info(f"frozennorm: {moved} frozen BatchNorm weight(s) moved into the "
+                        f"weight(decay=0.0) group, as Ultralytics groups BatchNorm weights")
         return optimizer
 
     def save_model(self):
