@@ -489,25 +489,26 @@ void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0,
 #if defined(FROZENNORM_X86_SIMD)
     if constexpr (std::is_same_v<acc_t, float>) {
       using V = typename IO::AccVec;
-      if (flat && stream) {
-        // groups from the first channel whose plane starts aligned (one comes within kStep
-        // channels: kStep elements are one aligned width), the ones before it plane by plane
-        // with ordinary stores; a group's end is aligned too, so no cache line takes both
-        // kinds of store
-        const int64_t first = std::min(c1, c0 + IO::kStep);
+      if (flat) {
+        // With `stream`: groups from the first channel whose plane starts aligned (one comes
+        // within kStep channels: kStep elements are one aligned width), the ones before it
+        // plane by plane with ordinary stores. A group is n vectors of that width, so once
+        // the first is aligned every group is, and no cache line takes both kinds of store.
+        const int64_t first = stream ? std::min(c1, c0 + IO::kStep) : c0;
         while (c < first && !op.aligned((o * t.C + c) * t.inner)) {
           plane_run<false>(op, (o * t.C + c) * t.inner, n, mean[c], scale[c], keep, row[c],
                            row[t.C + c]);
           ++c;
         }
-        for (; op.aligned((o * t.C + c) * t.inner) && c + IO::kStep <= c1; c += IO::kStep) {
-          flat_planes<true>(op, (o * t.C + c) * t.inner, n, mean + c, scale + c, below,
-                            row + c, row + t.C + c);
+        const bool streamed = stream && op.aligned((o * t.C + c) * t.inner);
+        for (; c + IO::kStep <= c1; c += IO::kStep) {
+          const int64_t k = (o * t.C + c) * t.inner;
+          if (streamed) {
+            flat_planes<true>(op, k, n, mean + c, scale + c, below, row + c, row + t.C + c);
+          } else {
+            flat_planes<false>(op, k, n, mean + c, scale + c, below, row + c, row + t.C + c);
+          }
         }
-      }
-      for (; flat && c + IO::kStep <= c1; c += IO::kStep) {
-        flat_planes<false>(op, (o * t.C + c) * t.inner, n, mean + c, scale + c, below, row + c,
-                           row + t.C + c);
       }
       if (!streams && n >= IO::kStep) {
         for (; c + V::size() <= c1; c += V::size()) {
