@@ -366,6 +366,25 @@ def test_large_short_planes_stream_with_the_same_bits(shape, dtype, activation, 
     check_against_oracle(*args, activation, residual_grad=residual_grad, out=out)
 
 
+@pytest.mark.parametrize("shape,dtype,activation,residual_grad,regime", [
+    # tiles of 4 outer indices x 160 channels (128 in the last), then 3 left
+    ([7, 2048, 7, 7], torch.bfloat16, IDENTITY, False, "typical"),
+    # groups of a vector's width of channels and channels left over, in each outer index
+    ([6, 300, 5, 5], torch.float32, SILU, True, "mean_gg_std"),
+    ([9, 1000, 3, 11], torch.float16, RELU, False, "typical"),
+    ([5, 70, 17], torch.float16, RELU6, True, "mean_gg_std"),
+])
+def test_short_planes_walk_outer_indices_in_step(shape, dtype, activation, residual_grad, regime):
+    """Short whole planes (fewer than 256 values, not whole vectors) go several outer indices
+    at a time on x86 (flat_planes' rows: 4 in the AVX-512 build, 2 in AVX2), in tiles of a
+    multiple of them and of the walk's width in channels where the tensor has as many; the
+    outer indices and channels left over go as before. Every output within the oracle's
+    bounds (|mean| >> std among them), the same bits on 1, 2 and 3 threads."""
+    args = case(shape, dtype, "contiguous", activation, regime, seed=6)
+    out = same_bits_on((1, 2, 3), args, activation, residual_grad)
+    check_against_oracle(*args, activation, residual_grad=residual_grad, out=out)
+
+
 # ---- the ops that call it: autograd, opcheck, errors ---------------------------------------
 
 def test_gradcheck_frozen_bn_and_frozen_bn_act_with_trainable_affine():

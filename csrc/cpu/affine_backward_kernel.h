@@ -4,7 +4,8 @@
 // scale) and, per channel, the sums of ga and of ga * (input - mean).
 //
 // The sums are the same bits whatever the number of threads: the tensor, [outer, C, inner] in
-// flat memory, is cut into tiles whose extents depend on its shape alone (Tiles); a tile sums
+// flat memory, is cut into tiles whose extents depend on its shape (and on the dtype and the
+// build, never on the threads) alone (Tiles); a tile sums
 // each of its channels into one partial (vector lanes, then across the lanes), the threads
 // share out whole tiles, and a channel's partials are then added in a fixed pairwise order.
 // An accumulator adds at most kMaxDepth values in sequence (2 kMaxDepth in float64 with 4
@@ -60,16 +61,20 @@ constexpr int64_t ceil_div(int64_t a, int64_t b) {
 }
 
 // The partition of a [outer, C, inner] tensor into tiles of outer_step outer indices x
-// channel_step channels x inner_step inner positions: a function of the shape alone. Each
-// tile writes the partial sums of its channels into one row of partials, shared with the
-// tiles of the same outer and inner ranges (the other channel blocks): a row holds the 2 C
-// values [sum of ga per channel, sum of ga * (input - mean) per channel].
+// channel_step channels x inner_step inner positions: a function of the shape alone (and of
+// flat_rows, how many outer indices the walk takes at once, and group, its width in
+// channels: both from the dtype and the build). Each tile writes the partial sums of its
+// channels into one row of partials, shared with the tiles of the same outer and inner
+// ranges (the other channel blocks): a row holds the 2 C values [sum of ga per channel, sum
+// of ga * (input - mean) per channel].
 struct Tiles {
   int64_t outer, C, inner;
   int64_t outer_step, channel_step, inner_step;
   int64_t outer_tiles, channel_tiles, inner_tiles;
+  int64_t flat_rows;
 
-  Tiles(int64_t numel, int64_t C_, int64_t inner_) : C(C_), inner(inner_) {
+  Tiles(int64_t numel, int64_t C_, int64_t inner_, int64_t flat_rows_ = 1, int64_t group = 1)
+      : C(C_), inner(inner_), flat_rows(flat_rows_) {
     outer = numel / (C * inner);
     // about equal runs of at most kMaxRun, a multiple of kRunMultiple where the planes are
     inner_step = std::min(inner, ceil_div(ceil_div(inner, ceil_div(inner, kMaxRun)), kRunMultiple) *
@@ -92,6 +97,18 @@ struct Tiles {
     channel_step = inner_tiles > 1 ? 1
         : cross_section <= kTileElements ? row_channels
         : std::clamp<int64_t>(kTileElements / inner_step, 1, C);
+    // Short planes walked flat_rows outer indices at a time (plane_tile; inner_step is then
+    // inner, below kMaxDepth / flat_rows): a multiple of flat_rows of them, and where they
+    // hold more than kTileElements, a multiple of `group` channels (flat_planes' width), so
+    // that no channel is left to go alone.
+    if (flat_rows > 1) {
+      outer_step = std::clamp<int64_t>(std::max(fill / flat_rows * flat_rows, flat_rows), 1,
+                                       std::min(outer, kMaxDepth / inner_step));
+      if (cross_section * outer_step > kTileElements) {
+        const int64_t fits = kTileElements / (inner_step * outer_step);
+        channel_step = std::clamp<int64_t>(fits / group * group, std::min(group, C), C);
+      }
+    }
     outer_tiles = ceil_div(outer, outer_step);
     // Channels-last row tiles, where there are kEvenTiles or more: a multiple of kEvenTiles
     // of them, of (about) equal rows, so that 1, 2, 4 or 8 threads get equal shares (13
@@ -348,10 +365,14 @@ FROZENNORM_ALWAYS_INLINE V merged(const float* lanes) {
 // 64 lanes of work; here 49). Each plane's terms are summed into one lane vector, the lane
 // vectors merged as group_lanes merges them, and added to sum_g[0..kStep), sum_gx[0..kStep).
 // below[i]: the lanes below lane i, i = 0..V::size(). kStream: the outputs with
-// non-temporal stores (k aligned: the group's n vectors are then all aligned).
-template <bool kStream, typename Op>
-void flat_planes(const Op op, int64_t k, int64_t n, const float* mean, const float* scale,
-                 const typename Op::IO::AccVec* below, float* sum_g, float* sum_gx) {
+// non-temporal stores (k aligned: the group's n vectors are then all aligned). kRows: as
+// many such groups, `stride` elements apart (the same channels of consecutive outer
+// indices), walked in step: a plane's lane vector sums the terms of all kRows of its
+// planes, which share its ends and its merge.
+template <bool kStream, int kRows, typename Op>
+void flat_planes(const Op op, int64_t k, int64_t stride, int64_t n, const float* mean,
+                 const float* scale, const typename Op::IO::AccVec* below, float* sum_g,
+                 float* sum_gx) {
   using IO = typename Op::IO;
   using V = typename IO::AccVec;
   constexpr int L = V::size();
@@ -364,22 +385,26 @@ void flat_planes(const Op op, int64_t k, int64_t n, const float* mean, const flo
   V vm(mean[0]), vs(scale[0]), acc_g(zero), acc_gx(zero);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t at = k + j * IO::kStep;
-    V g[kParts], x[kParts], s[kParts];
-    op.load(at, g, x);
+    V g[kRows][kParts], x[kRows][kParts], s[kParts];
+    for (int r = 0; r < kRows; ++r) op.load(at + r * stride, g[r], x[r]);
     for (int part = 0; part < kParts; ++part) {
       if (left > L) {  // inside the plane
         s[part] = vs;
-        acc_g = acc_g + g[part];
-        acc_gx = at::vec::fmadd(g[part], x[part] - vm, acc_gx);
+        for (int r = 0; r < kRows; ++r) {
+          acc_g = acc_g + g[r][part];
+          acc_gx = at::vec::fmadd(g[r][part], x[r][part] - vm, acc_gx);
+        }
         left -= L;
         continue;
       }
       // the plane ends at lane `left`: lanes before it finish its sums (zeros, not products
       // with zero, in the rest: x may hold an inf), the others start the next plane's
       const V mine = below[left];
-      const V ga = V::blendv(zero, g[part], mine);
-      acc_g = acc_g + ga;
-      acc_gx = at::vec::fmadd(ga, V::blendv(zero, x[part] - vm, mine), acc_gx);
+      for (int r = 0; r < kRows; ++r) {
+        const V ga = V::blendv(zero, g[r][part], mine);
+        acc_g = acc_g + ga;
+        acc_gx = at::vec::fmadd(ga, V::blendv(zero, x[r][part] - vm, mine), acc_gx);
+      }
       acc_g.store(lanes_g + ch * L);
       acc_gx.store(lanes_gx + ch * L);
       s[part] = vs;
@@ -391,12 +416,17 @@ void flat_planes(const Op op, int64_t k, int64_t n, const float* mean, const flo
         left = n;
       } else {
         s[part] = V::blendv(vs, s[part], mine);
-        acc_g = V::blendv(g[part], zero, mine);
-        acc_gx = acc_g * V::blendv(x[part] - vm, zero, mine);
+        acc_g = V::blendv(g[0][part], zero, mine);
+        acc_gx = acc_g * V::blendv(x[0][part] - vm, zero, mine);
+        for (int r = 1; r < kRows; ++r) {
+          const V ga = V::blendv(g[r][part], zero, mine);
+          acc_g = acc_g + ga;
+          acc_gx = at::vec::fmadd(ga, V::blendv(x[r][part] - vm, zero, mine), acc_gx);
+        }
         left = n - (L - left);
       }
     }
-    op.template store<kStream>(at, g, s);
+    for (int r = 0; r < kRows; ++r) op.template store<kStream>(at + r * stride, g[r], s);
   }
   for (int64_t c = 0; c < IO::kStep; c += L) {
     (V::loadu(sum_g + c) + V(merged_in_order(merged<kMergeLevels, V>(lanes_g + c * L))))
@@ -438,6 +468,30 @@ FROZENNORM_ALWAYS_INLINE void plane_run(const Op& op, int64_t k, int64_t n, type
   sum_gx += gx;
 }
 
+// How many outer indices plane_tile walks at once: short whole planes that flat_planes takes
+// without streaming stores go kFlatRows at a time (their walks in step share each plane end
+// and merge: the backward of 16x2048x7x7 on one thread, float16 / bfloat16, 305-311 /
+// 297-329 us one at a time -> 254-262 / 233-247 us four at a time, 16x2048x5x5 211-233 ->
+// 142-154 us; the AVX2 build, whose 16 vector registers hold two rows' data, float16
+// 245 us -> 223-231 us two at a time, 248-249 us four), otherwise one.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kFlatRows = 4;
+#elif defined(FROZENNORM_X86_SIMD)
+constexpr int kFlatRows = 2;
+#endif
+template <typename IO>
+int64_t flat_rows(int64_t inner, bool stream) {
+#if defined(FROZENNORM_X86_SIMD)
+  if constexpr (std::is_same_v<typename IO::AccVec::value_type, float>) {
+    if (!stream && inner < kSmallPlane && inner >= IO::AccVec::size() &&
+        inner % IO::kStep != 0) {
+      return kFlatRows;
+    }
+  }
+#endif
+  return 1;
+}
+
 // A tile of NCHW-like planes (inner > 1), in memory order: outer index by outer index,
 // channel by channel, each plane's run of inner_step positions summed (plane_run) and added
 // to its channel's partials. Float sums on x86 without streaming stores: whole planes of at
@@ -455,6 +509,7 @@ FROZENNORM_ALWAYS_INLINE void plane_run(const Op& op, int64_t k, int64_t n, type
 // them (op forward + backward over the frozen op's, float32, 2 threads, three interleaved
 // pairs each: 32x1024x14x14 1.47-1.58x -> 1.18-1.22x, 88x1024x7x7 1.51-1.65x ->
 // 1.19-1.25x, 72x1024x8x8 1.44-1.52x -> 1.20-1.29x; their input gradients the same bits).
+// Without `stream`, short flat planes go t.flat_rows outer indices at a time (flat_rows).
 template <typename Op>
 void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
                 int64_t i0, bool stream, const typename Op::acc_t* mean,
@@ -469,47 +524,12 @@ void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0,
   if constexpr (IO::kVectorized) {
     if (n % IO::kStep != 0) lanes_from<IO>(IO::kStep - n % IO::kStep, keep);
   }
-#if defined(FROZENNORM_X86_SIMD)
-  // whole planes, adjacent in memory, that a vector walk would end with an overlapping
-  // vector or (with `stream`) would write without non-temporal stores
-  const bool flat = !streams && n == t.inner && n >= IO::AccVec::size() &&
-      (n % IO::kStep != 0 || stream);
-  typename IO::AccVec below[IO::AccVec::size() + 1];  // below[i]: the lanes below lane i
-  if constexpr (std::is_same_v<acc_t, float>) {
-    using V = typename IO::AccVec;
-    if (flat) {
-      for (int i = 0; i <= V::size(); ++i) {
-        below[i] = V::arange(0.f, 1.f) < V(static_cast<float>(i));
-      }
-    }
-  }
-#endif
-  for (int64_t o = o0; o < o1; ++o) {
-    int64_t c = c0;
+  // The channels [c, c1) of outer index o, after the flat groups: V::size() at a time
+  // (group_lanes), then one by one.
+  const auto rest = [&](int64_t o, int64_t c) {
 #if defined(FROZENNORM_X86_SIMD)
     if constexpr (std::is_same_v<acc_t, float>) {
       using V = typename IO::AccVec;
-      if (flat) {
-        // With `stream`: groups from the first channel whose plane starts aligned (one comes
-        // within kStep channels: kStep elements are one aligned width), the ones before it
-        // plane by plane with ordinary stores. A group is n vectors of that width, so once
-        // the first is aligned every group is, and no cache line takes both kinds of store.
-        const int64_t first = stream ? std::min(c1, c0 + IO::kStep) : c0;
-        while (c < first && !op.aligned((o * t.C + c) * t.inner)) {
-          plane_run<false>(op, (o * t.C + c) * t.inner, n, mean[c], scale[c], keep, row[c],
-                           row[t.C + c]);
-          ++c;
-        }
-        const bool streamed = stream && op.aligned((o * t.C + c) * t.inner);
-        for (; c + IO::kStep <= c1; c += IO::kStep) {
-          const int64_t k = (o * t.C + c) * t.inner;
-          if (streamed) {
-            flat_planes<true>(op, k, n, mean + c, scale + c, below, row + c, row + t.C + c);
-          } else {
-            flat_planes<false>(op, k, n, mean + c, scale + c, below, row + c, row + t.C + c);
-          }
-        }
-      }
       if (!streams && n >= IO::kStep) {
         for (; c + V::size() <= c1; c += V::size()) {
           V g, gx;
@@ -529,6 +549,63 @@ void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0,
         plane_run<false>(op, k, n, mean[c], scale[c], keep, row[c], row[t.C + c]);
       }
     }
+  };
+  int64_t o = o0;
+#if defined(FROZENNORM_X86_SIMD)
+  // whole planes, adjacent in memory, that a vector walk would end with an overlapping
+  // vector or (with `stream`) would write without non-temporal stores
+  const bool flat = !streams && n == t.inner && n >= IO::AccVec::size() &&
+      (n % IO::kStep != 0 || stream);
+  typename IO::AccVec below[IO::AccVec::size() + 1];  // below[i]: the lanes below lane i
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using V = typename IO::AccVec;
+    if (flat) {
+      for (int i = 0; i <= V::size(); ++i) {
+        below[i] = V::arange(0.f, 1.f) < V(static_cast<float>(i));
+      }
+    }
+    // t.flat_rows (flat_rows: such planes, without `stream`) outer indices at a time
+    if (t.flat_rows > 1) {
+      for (; o + kFlatRows <= o1; o += kFlatRows) {
+        int64_t c = c0;
+        for (; c + IO::kStep <= c1; c += IO::kStep) {
+          flat_planes<false, kFlatRows>(op, (o * t.C + c) * t.inner, t.C * t.inner, n, mean + c,
+                                        scale + c, below, row + c, row + t.C + c);
+        }
+        for (int64_t r = 0; r < kFlatRows; ++r) rest(o + r, c);
+      }
+    }
+  }
+#endif
+  for (; o < o1; ++o) {
+    int64_t c = c0;
+#if defined(FROZENNORM_X86_SIMD)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (flat) {
+        // With `stream`: groups from the first channel whose plane starts aligned (one comes
+        // within kStep channels: kStep elements are one aligned width), the ones before it
+        // plane by plane with ordinary stores. A group is n vectors of that width, so once
+        // the first is aligned every group is, and no cache line takes both kinds of store.
+        const int64_t first = stream ? std::min(c1, c0 + IO::kStep) : c0;
+        while (c < first && !op.aligned((o * t.C + c) * t.inner)) {
+          plane_run<false>(op, (o * t.C + c) * t.inner, n, mean[c], scale[c], keep, row[c],
+                           row[t.C + c]);
+          ++c;
+        }
+        const bool streamed = stream && op.aligned((o * t.C + c) * t.inner);
+        for (; c + IO::kStep <= c1; c += IO::kStep) {
+          const int64_t k = (o * t.C + c) * t.inner;
+          if (streamed) {
+            flat_planes<true, 1>(op, k, 0, n, mean + c, scale + c, below, row + c, row + t.C + c);
+          } else {
+            flat_planes<false, 1>(op, k, 0, n, mean + c, scale + c, below, row + c,
+                                  row + t.C + c);
+          }
+        }
+      }
+    }
+#endif
+    rest(o, c);
   }
 }
 
@@ -670,25 +747,26 @@ void add_rows_pairwise(acc_t* partials, int64_t rows, int64_t width) {
 }
 
 inline void affine_backward_impl(const AffineBackwardProblem& p) {
-  const Tiles tiles(p.numel, p.C, p.inner);
   const int64_t C = p.C;
   dispatch_types(p.data_type, p.acc_type, [&](auto data_tag, auto acc_tag) {
     using scalar_t = decltype(data_tag);
     using acc_t = decltype(acc_tag);
     const auto* mean = static_cast<const acc_t*>(p.mean);
     const auto* scale = static_cast<const acc_t*>(p.scale);
-    // every tile writes all of its values: no initialisation
-    std::unique_ptr<acc_t[]> partials(new acc_t[tiles.rows() * 2 * C]);
     dispatch_act(p.act, /*identity_ok=*/true, [&](auto act_tag) {
       using Op = AffineBackwardOp<scalar_t, acc_t, decltype(act_tag)::value>;
+      using IO = typename Op::IO;
       const Op op{static_cast<const scalar_t*>(p.grad), static_cast<const scalar_t*>(p.input),
                   static_cast<const scalar_t*>(p.saved), static_cast<scalar_t*>(p.grad_input),
                   static_cast<scalar_t*>(p.grad_residual)};
-      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / tiles.elements());
       // non-temporal stores for outputs too large to stay in the caches, from aligned bases
       const int64_t out_bytes = p.numel * static_cast<int64_t>(sizeof(scalar_t)) *
           ((p.grad_input != nullptr) + (p.grad_residual != nullptr));
       const bool stream = out_bytes >= kStreamBytes && op.aligned(0);
+      const Tiles tiles(p.numel, C, p.inner, flat_rows<IO>(p.inner, stream), IO::kStep);
+      // every tile writes all of its values: no initialisation
+      std::unique_ptr<acc_t[]> partials(new acc_t[tiles.rows() * 2 * C]);
+      const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / tiles.elements());
       at::parallel_for(0, tiles.count(), grain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t b = i % tiles.inner_tiles;
@@ -705,10 +783,10 @@ inline void affine_backward_impl(const AffineBackwardProblem& p) {
         }
         if (stream) stream_fence();
       });
+      add_rows_pairwise(partials.get(), tiles.rows(), 2 * C);
+      std::memcpy(p.sum_grad, partials.get(), C * sizeof(acc_t));
+      std::memcpy(p.sum_centered, partials.get() + C, C * sizeof(acc_t));
     });
-    add_rows_pairwise(partials.get(), tiles.rows(), 2 * C);
-    std::memcpy(p.sum_grad, partials.get(), C * sizeof(acc_t));
-    std::memcpy(p.sum_centered, partials.get() + C, C * sizeof(acc_t));
   });
 }
 
