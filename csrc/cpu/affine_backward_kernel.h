@@ -565,7 +565,7 @@ void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0,
       }
     }
     // t.flat_rows (flat_rows: such planes, without `stream`) outer indices at a time
-    if (t.flat_rows > 1) {
+    if (flat && t.flat_rows > 1) {
       for (; o + kFlatRows <= o1; o += kFlatRows) {
         int64_t c = c0;
         for (; c + IO::kStep <= c1; c += IO::kStep) {
