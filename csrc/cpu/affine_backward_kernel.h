@@ -98,9 +98,10 @@ struct Tiles {
         : cross_section <= kTileElements ? row_channels
         : std::clamp<int64_t>(kTileElements / inner_step, 1, C);
     // Short planes walked flat_rows outer indices at a time (plane_tile; inner_step is then
-    // inner, below kMaxDepth / flat_rows): a multiple of flat_rows of them, and where they
-    // hold more than kTileElements, a multiple of `group` channels (flat_planes' width), so
-    // that no channel is left to go alone.
+    // inner, below kMaxDepth / flat_rows): a multiple of flat_rows of them (unless the
+    // tensor or the depth bound has fewer: the rest go one at a time), and where they hold
+    // more than kTileElements, a multiple of `group` channels (flat_planes' width), so that
+    // no channel is left to go alone.
     if (flat_rows > 1) {
       outer_step = std::clamp<int64_t>(std::max(fill / flat_rows * flat_rows, flat_rows), 1,
                                        std::min(outer, kMaxDepth / inner_step));
