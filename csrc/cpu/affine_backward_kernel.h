@@ -4,10 +4,10 @@
 // scale) and, per channel, the sums of ga and of ga * (input - mean).
 //
 // The sums are the same bits whatever the number of threads: the tensor, [outer, C, inner] in
-// flat memory, is cut into tiles whose extents depend on its shape (and on the dtype and the
-// build, never on the threads) alone (Tiles); a tile sums
-// each of its channels into one partial (vector lanes, then across the lanes), the threads
-// share out whole tiles, and a channel's partials are then added in a fixed pairwise order.
+// flat memory, is cut into tiles whose extents depend on its shape, dtype and the build alone,
+// never on the threads (Tiles); a tile sums each of its channels into one partial (vector
+// lanes, then across the lanes), the threads share out whole tiles, and a channel's partials
+// are then added in a fixed pairwise order.
 // An accumulator adds at most kMaxDepth values in sequence (2 kMaxDepth in float64 with 4
 // lanes), so the error stays within ~(kMaxDepth + log2 of the number of tiles) roundings of
 // the sum of |terms|, where one running sum over a channel's n values would make it ~n.
@@ -480,14 +480,20 @@ constexpr int kFlatRows = 4;
 #elif defined(FROZENNORM_X86_SIMD)
 constexpr int kFlatRows = 2;
 #endif
+#if defined(FROZENNORM_X86_SIMD)
+// Whether a tile's runs of n values (planes of `inner`) go as flat runs (flat_planes): whole
+// planes, adjacent in memory, that a vector walk would end with an overlapping vector or
+// (with `stream`) would write without non-temporal stores.
+template <typename IO>
+bool walks_flat(int64_t n, int64_t inner, bool stream) {
+  return n == inner && n >= IO::AccVec::size() && (n % IO::kStep != 0 || stream);
+}
+#endif
 template <typename IO>
 int64_t flat_rows(int64_t inner, bool stream) {
 #if defined(FROZENNORM_X86_SIMD)
   if constexpr (std::is_same_v<typename IO::AccVec::value_type, float>) {
-    if (!stream && inner < kSmallPlane && inner >= IO::AccVec::size() &&
-        inner % IO::kStep != 0) {
-      return kFlatRows;
-    }
+    if (!stream && inner < kSmallPlane && walks_flat<IO>(inner, inner, stream)) return kFlatRows;
   }
 #endif
   return 1;
@@ -553,10 +559,7 @@ void plane_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0,
   };
   int64_t o = o0;
 #if defined(FROZENNORM_X86_SIMD)
-  // whole planes, adjacent in memory, that a vector walk would end with an overlapping
-  // vector or (with `stream`) would write without non-temporal stores
-  const bool flat = !streams && n == t.inner && n >= IO::AccVec::size() &&
-      (n % IO::kStep != 0 || stream);
+  const bool flat = !streams && walks_flat<IO>(n, t.inner, stream);
   typename IO::AccVec below[IO::AccVec::size() + 1];  // below[i]: the lanes below lane i
   if constexpr (std::is_same_v<acc_t, float>) {
     using V = typename IO::AccVec;
