@@ -385,6 +385,29 @@ def test_short_planes_walk_outer_indices_in_step(shape, dtype, activation, resid
     check_against_oracle(*args, activation, residual_grad=residual_grad, out=out)
 
 
+@pytest.mark.parametrize("shape,dtype,activation,residual_grad,regime", [
+    ([3, 16, 9, 11], torch.float16, IDENTITY, False, "typical"),  # 1 vector of channels (AVX2)
+    ([4, 32, 40, 50], torch.bfloat16, SILU, True, "mean_gg_std"),  # 8 tiles of 1000 rows
+    ([2, 64, 21, 23], torch.float16, RELU, False, "typical"),
+    ([3, 96, 10, 13], torch.bfloat16, RELU6, True, "typical"),  # 3 vectors (AVX-512)
+    ([2, 128, 9, 15], torch.float16, IDENTITY, False, "mean_gg_std"),  # 4 vectors (AVX-512)
+    ([2, 160, 5, 7], torch.bfloat16, IDENTITY, False, "typical"),  # wider: kRowBlock rows
+    ([2, 48, 9, 9], torch.float16, RELU, False, "typical"),  # not whole vectors: kRowBlock rows
+    ([2, 64, 256, 272], torch.float16, IDENTITY, False, "typical"),  # 17.8 MB: streamed
+])
+def test_narrow_channels_last_rows_sum_in_registers(shape, dtype, activation, residual_grad,
+                                                     regime):
+    """Channels-last rows of 16-bit data that are at most 4 whole vectors wide (at most 128
+    channels in the AVX-512 build, 32 in AVX2) go through their tiles in memory order, each
+    vector of channels' sums in registers (register_rows), with non-temporal stores where
+    the outputs are large; other rows as before. Every output within the oracle's bounds
+    (|mean| >> std among them), the same bits on 1, 2 and 3 threads."""
+    args = case(shape, dtype, "channels_last", activation, regime, grad_layout="channels_last",
+                seed=8)
+    out = same_bits_on((1, 2, 3), args, activation, residual_grad)
+    check_against_oracle(*args, activation, residual_grad=residual_grad, out=out)
+
+
 # ---- the ops that call it: autograd, opcheck, errors ---------------------------------------
 
 def test_gradcheck_frozen_bn_and_frozen_bn_act_with_trainable_affine():

@@ -673,6 +673,86 @@ FROZENNORM_ALWAYS_INLINE void row_block(const Op& op, int64_t o, int64_t c0, int
   }
 }
 
+// Narrow channels-last rows of 16-bit data (register_rows): at most this many vector sums
+// (2 per float vector of channels) held in registers across a tile's rows, half of the
+// vector registers (32 with AVX-512, 16 with AVX2 and others); so rows of at most
+// kRegisterSums / 4 whole vectors, and at most 4 (128 channels with AVX-512, 32 with AVX2).
+// Not float32 or float64 rows (kMaxRegisterSteps 0): they gained nothing (backward op on
+// two threads against row_rows, interleaved in one process: float32 2x64x400x608 1.03x the
+// time, 8x64x56x56 1.15-1.21x; float64 8x32x56x56 0.97x).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kRegisterSums = 16;
+#else
+constexpr int kRegisterSums = 8;
+#endif
+template <typename IO>
+constexpr int64_t kMaxRegisterSteps = IO::kParts == 2 ? std::min(4, kRegisterSums / 4) : 0;
+
+// The rows [o0, o1) of a channels-last tile, kSteps whole vectors of channels from c0, in
+// memory order: one sequential stream per tensor, each vector of channels' two sums in
+// registers across all the rows, then stored as the tile's partials (no partials loaded or
+// stored per row, as row_rows does per kRowBlock rows). Each level holds one vector of
+// channels' parameters and sums in arrays of its own and adds its step to the row walk of
+// the levels after it; the last walks the rows. (One array of all the vectors' sums: GCC
+// kept it on the stack, loaded and stored on every row, or stored on every row.)
+// (Backward op on two threads against row_rows' kRowBlock rows a quarter tile apart,
+// interleaved in one process, 15-21 rounds: float16 / bfloat16 2x64x400x608 0.93-0.95x the
+// time, 2x128x200x304 0.93x, float16 2x32x400x608 0.77x, 8x64x56x56 0.96x, bfloat16
+// 8x128x28x28 0.97x; the AVX2 build 0.66-0.82x on rows of 16 and 32 channels, the AVX512
+// build 0.76-0.96x. Wider rows with their channels cut into blocks of 2 or 4 vectors, each
+// walked over all of the tile's rows in turn: 1.30-1.63x, the rows read in strides.)
+template <int kSteps, int kLevel, bool kStream, typename Op, typename Steps>
+FROZENNORM_ALWAYS_INLINE void register_level(const Op& op, int64_t o0, int64_t o1, int64_t c0,
+                                             int64_t C, const typename Op::acc_t* mean,
+                                             const typename Op::acc_t* scale,
+                                             typename Op::acc_t* g, typename Op::acc_t* gx,
+                                             const Steps& steps) {
+  using IO = typename Op::IO;
+  using V = typename IO::AccVec;
+  if constexpr (kLevel == kSteps) {
+    for (int64_t o = o0; o < o1; ++o) steps(o * C + c0);
+  } else {
+    const int64_t c = c0 + kLevel * IO::kStep;
+    V m[Op::kParts], s[Op::kParts], vg[Op::kParts], vgx[Op::kParts];
+    for (int part = 0; part < Op::kParts; ++part) {
+      m[part] = V::loadu(mean + c + part * V::size());
+      s[part] = V::loadu(scale + c + part * V::size());
+      vg[part] = vgx[part] = V(typename Op::acc_t(0));
+    }
+    register_level<kSteps, kLevel + 1, kStream>(
+        op, o0, o1, c0, C, mean, scale, g, gx, [&](int64_t k) {
+          steps(k);
+          op.template step<false, kStream>(k + kLevel * IO::kStep, m, s, vg, vgx, nullptr);
+        });
+    for (int part = 0; part < Op::kParts; ++part) {
+      vg[part].store(g + c + part * V::size());
+      vgx[part].store(gx + c + part * V::size());
+    }
+  }
+}
+
+template <int kSteps, bool kStream, typename Op>
+void register_rows(const Op& op_, int64_t o0, int64_t o1, int64_t c0, int64_t C,
+                   const typename Op::acc_t* mean, const typename Op::acc_t* scale,
+                   typename Op::acc_t* g, typename Op::acc_t* gx) {
+  const Op op = op_;  // a local copy: its pointers stay in registers across the stores
+  register_level<kSteps, 0, kStream>(op, o0, o1, c0, C, mean, scale, g, gx, [](int64_t) {});
+}
+
+// register_rows for `steps` (1 to kMaxRegisterSteps) vectors.
+template <bool kStream, typename Op, int kSteps = 1>
+void register_rows(const Op& op, int64_t steps, int64_t o0, int64_t o1, int64_t c0, int64_t C,
+                   const typename Op::acc_t* mean, const typename Op::acc_t* scale,
+                   typename Op::acc_t* g, typename Op::acc_t* gx) {
+  if constexpr (kSteps < kMaxRegisterSteps<typename Op::IO>) {
+    if (steps > kSteps) {
+      register_rows<kStream, Op, kSteps + 1>(op, steps, o0, o1, c0, C, mean, scale, g, gx);
+      return;
+    }
+  }
+  register_rows<kSteps, kStream>(op, o0, o1, c0, C, mean, scale, g, gx);
+}
+
 // The rows [o0, o1) of a channels-last tile: kRowBlock rows a kRowBlock-th of the tile apart,
 // then the rest one by one.
 template <bool kStream, typename Op>
@@ -688,11 +768,12 @@ void row_rows(const Op& op, int64_t o0, int64_t o1, int64_t c0, int64_t c1, int6
   }
 }
 
-// A tile of channels-last rows (inner == 1): each row's channels [c0, c1) as vectors (each
-// lane one channel), summed kRowBlock rows at a time (row_rows) into the partials. With
-// `stream`, rows aligned alike, or long enough to amortise their scalar ends (as
-// channel_walk.h's, then one at a time), take non-temporal stores. Element by element where
-// the channels are fewer than a vector.
+// A tile of channels-last rows (inner == 1): narrow 16-bit rows of whole vectors in memory
+// order with their sums in registers (register_rows); other rows' channels [c0, c1) as
+// vectors (each lane one channel), summed kRowBlock rows at a time (row_rows) into the
+// partials. With `stream`, rows aligned alike, or long enough to amortise their scalar ends
+// (as channel_walk.h's, then one at a time; register_rows only the former), take
+// non-temporal stores. Element by element where the channels are fewer than a vector.
 template <typename Op>
 void row_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, int64_t c1,
               bool stream, const typename Op::acc_t* mean, const typename Op::acc_t* scale,
@@ -712,6 +793,14 @@ void row_tile(const Op op, const Tiles& t, int64_t o0, int64_t o1, int64_t c0, i
       const int64_t tail = width % IO::kStep;
       if (tail != 0) lanes_from<IO>(IO::kStep - tail, keep);
       const bool aligned_rows = op.aligned(o0 * C + c0) && op.aligned((o0 + 1) * C + c0);
+      if constexpr (kMaxRegisterSteps<IO> > 0) {
+        const int64_t steps = width / IO::kStep;
+        if (tail == 0 && steps <= kMaxRegisterSteps<IO> && (!stream || aligned_rows)) {
+          stream ? register_rows<true>(op, steps, o0, o1, c0, C, mean, scale, g, gx)
+                 : register_rows<false>(op, steps, o0, o1, c0, C, mean, scale, g, gx);
+          return;
+        }
+      }
       if (!stream || !(aligned_rows || width >= kMinStreamRun)) {
         row_rows<false>(op, o0, o1, c0, c1, C, mean, scale, g, gx, keep);
       } else if (aligned_rows) {
